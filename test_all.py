@@ -145,3 +145,151 @@ def test_load_errors_are_one_sentence(tmp_path):
         M.load_model(str(tmp_path))
     with pytest.raises(FileNotFoundError):
         M.load_model(str(tmp_path / "config.json").replace("config.json", "nothing_here") + "/")
+
+# -----------------------------------------------------------------------------
+# envs.py
+
+import itertools
+import random
+
+import envs as E
+
+def mean_per_round(env, a, b, seeds):
+    tot, n = [0.0, 0.0], 0
+    for s in seeds:
+        g = E.play_fixed(env, a, b, s)
+        for r in g.rewards:
+            tot[0] += r[0]; tot[1] += r[1]; n += 1
+    return tot[0] / n, tot[1] / n
+
+def test_payoffs_and_proportional_rule():
+    """IPD payoff table and the proportional split, with fractions and the x0 + x1 <= 10 case."""
+    assert E.IPD.PAYOFF == {("A", "A"): (3, 3), ("A", "B"): (0, 5), ("B", "A"): (5, 0), ("B", "B"): (1, 1)}
+    assert E.proportional(3, 7) == (3, 7) and E.proportional(2, 3) == (2, 3) and E.proportional(0, 0) == (0, 0)
+    assert E.proportional(10, 10) == (5, 5)
+    a, b = E.proportional(10, 5)
+    assert abs(a - 20 / 3) < 1e-12 and abs(b - 10 / 3) < 1e-12
+
+def test_split_profiles_and_tas_hands():
+    """12 equally likely Split profiles (equal totals, one item differs); TAS: 6 ordered distinct hands,
+    alternating starter; one group (one seed) sees identical values, hands and starter."""
+    P = E.Split.PROFILES
+    assert len(P) == 12 and len(set(P)) == 12
+    assert all(sum(a) == sum(b) and a != b for a, b in P)
+    assert sum(1 for a in itertools.product((1, 10), repeat=3) for b in itertools.product((1, 10), repeat=3)
+               if sum(a) == sum(b) and a != b) == 12
+    counts = {}
+    for s in range(600):
+        g = E.make_game("split", s, 1)
+        counts[g.values] = counts.get(g.values, 0) + 1
+    assert len(counts) == 12 and min(counts.values()) > 25
+    pairs = set()
+    for s in range(100):
+        g = E.play_fixed("tas", "honest", "greedy", s)
+        pairs |= {i["hands"] for i in g.info}
+        starters = [i["starter"] for i in g.info]
+        assert all(starters[t] != starters[t + 1] for t in range(9))
+        assert all(h[0] != h[1] for h in (i["hands"] for i in g.info))
+    assert len(pairs) == 6
+    for env in ("split", "tas"):  # same seed, different play: same environment draws
+        g1, g2 = E.play_fixed(env, "greedy", "greedy", 7), E.play_fixed(env, list(E.STRATEGIES[env])[1], "greedy", 7)
+        key = "values" if env == "split" else "hands"
+        assert [i[key] for i in g1.info] == [i[key] for i in g2.info]
+
+def test_reference_values():
+    """SPEC 2.1-2.3 reference values, exactly (deterministic strategies; all 12 Split profiles and all 6
+    TAS hand pairs enumerated)."""
+    assert mean_per_round("ipd", "tit_for_tat", "defector", [0]) == pytest.approx((0.9, 1.4))
+    assert mean_per_round("ipd", "defector", "cooperator", [0]) == (5, 0)
+    assert mean_per_round("ipd", "tit_for_tat", "cooperator", [0]) == (3, 3)
+    def split_exact(a, b):
+        tot = [0.0, 0.0]
+        for vals in E.Split.PROFILES:
+            g = E.make_game("split", 0, 1)
+            g.values = vals
+            g.act(0, E.STRATEGIES["split"][a](g, 0, None)); g.act(1, E.STRATEGIES["split"][b](g, 1, None))
+            tot = [tot[p] + g.rewards[0][p] / 12 for p in (0, 1)]
+        return tot
+    assert split_exact("welfare_max", "welfare_max") == pytest.approx([127.5, 127.5])
+    assert split_exact("greedy", "greedy") == pytest.approx([82.5, 82.5])
+    assert split_exact("greedy", "welfare_max") == pytest.approx([425 / 3, 205 / 3])
+    def tas_exact(a, b):
+        tot = [0.0, 0.0]
+        for hands in itertools.permutations(E.HANDS, 2):
+            g = E.make_game("tas", 0, 1)
+            g.hands = hands
+            for p in (0, 1):
+                g.phase = "action"
+            g.pending, g.moves = [0, 1], {}
+            g.act(0, E.STRATEGIES["tas"][a](g, 0, None)); g.act(1, E.STRATEGIES["tas"][b](g, 1, None))
+            tot = [tot[p] + g.rewards[0][p] / 6 for p in (0, 1)]
+        return tot
+    assert tas_exact("honest", "honest") == pytest.approx([50, 50])
+    assert tas_exact("greedy", "greedy") == pytest.approx([27.5, 27.5])
+    assert tas_exact("greedy", "honest") == pytest.approx([52.5, 25])
+
+def test_ipd_strategies_follow_their_definitions():
+    """Each fixed IPD strategy against a scripted opponent sequence plays its textbook moves."""
+    script = "AABABBAAAB"
+    def run(name, seed=0, script=script):
+        g, rng = E.make_game("ipd", 0, len(script)), random.Random(seed)
+        out = []
+        for t in range(len(script)):
+            out.append(E.IPD.parse(E.STRATEGIES["ipd"][name](g, 0, rng)))
+            g.act(0, f"<{out[-1]}>"); g.act(1, f"<{script[t]}>")
+        return "".join(out)
+    prev = "A" + script[:-1]
+    assert run("cooperator") == "A" * 10 and run("defector") == "B" * 10
+    assert run("tit_for_tat") == prev
+    assert run("suspicious_tit_for_tat") == "B" + script[:-1]
+    assert run("grudger") == "AAA" + "B" * 7
+    assert run("alternator") == "ABABABABAB"
+    assert run("tit_for_2_tats") == "AAAAAAB" + "AAA"          # only after B,B (rounds 4-5)
+    wsls = run("win_stay_lose_shift")
+    assert wsls[0] == "A" and all(wsls[t] == ("A" if wsls[t - 1] == script[t - 1] else "B") for t in range(1, 10))
+    assert run("prober") == "BAA" + script[2:9]                 # opponent retaliated in round 2: TFT
+    assert run("prober", script="AAAAB") == "BAABB"            # it did not: defect forever
+    g_moves = [run("generous_tit_for_tat", s) for s in range(300)]
+    forgiven = [m[t] == "A" for m in g_moves for t in range(1, 10) if script[t - 1] == "B"]
+    assert all(m[t] == "A" for m in g_moves for t in range(1, 10) if script[t - 1] == "A")
+    assert 0.25 < sum(forgiven) / len(forgiven) < 0.42
+    joss = [run("joss", s) for s in range(300)]
+    assert all(m[t] == "B" for m in joss for t in range(1, 10) if script[t - 1] == "B")
+    nice = [m[t] == "A" for m in joss for t in range(1, 10) if script[t - 1] == "A"]
+    assert 0.85 < sum(nice) / len(nice) < 0.95
+    assert run("random", 1) != run("random", 2)
+    zd = [run("zd_extort_2", s) for s in range(400)]
+    after_cc = [m[t] == "A" for m in zd for t in range(1, 10) if m[t - 1] == "A" and script[t - 1] == "A"]
+    after_dd = [m[t] == "A" for m in zd for t in range(1, 10) if m[t - 1] == "B" and script[t - 1] == "B"]
+    assert all(m[0] == "A" for m in zd) and 0.83 < sum(after_cc) / len(after_cc) < 0.95 and not any(after_dd)
+
+def test_parsing_is_strict_and_total():
+    """Valid forms (with allowed whitespace) parse; anything else is invalid, flagged, played as the least
+    cooperative move; random strings never raise."""
+    assert E.IPD.parse("<A>") == "A" and E.IPD.parse("  <B>\n") == "B"
+    for bad in ["A", "<a>", "<A><B>", "<C>", "", "< A>", "<A> because", "B"]:
+        assert E.IPD.parse(bad) is None
+    assert E.Split.parse("Proposal: 10 hats, 0 books, 5 balls") == (10, 0, 5)
+    assert E.Split.parse(" Proposal:3 hats ,4 books, 5 balls.\n") == (3, 4, 5)
+    for bad in ["Proposal: 11 hats, 0 books, 0 balls", "proposal: 1 hats, 1 books, 1 balls", "Proposal: 1, 2, 3",
+                "Proposal: -1 hats, 0 books, 0 balls", "Proposal: 1 hats, 2 books"]:
+        assert E.Split.parse(bad) is None
+    assert E.TAS.parse("<<proposal_start>> 7 <<proposal_end>>") == 7 and E.TAS.parse("<<proposal_start>>10<<proposal_end>>") == 10
+    for bad in ["<<proposal_start>> 11 <<proposal_end>>", "7", "<<proposal_start>> seven <<proposal_end>>"]:
+        assert E.TAS.parse(bad) is None
+    g = E.make_game("ipd", 0, 2)
+    g.act(0, "I cooperate"); g.act(1, "<A>")
+    assert g.invalid == [(True, False)] and g.info[0]["moves"] == ("B", "A") and g.rewards == [(5, 0)]
+    rng = random.Random(0)
+    for _ in range(3000):
+        n = rng.choice([0, 1, 5, 40, 5000])
+        s = "".join(chr(rng.choice([rng.randrange(32, 127), rng.randrange(0, 0x2FFFF)])) for _ in range(n))
+        for env in E.GAMES:
+            g = E.make_game(env, rng.randrange(100), 1)
+            while not g.done:
+                for p in g.to_act():
+                    g.observe(p)
+                    g.act(p, s)
+            assert all(isinstance(x, float) or isinstance(x, int) for r in g.rewards for x in r)
+    assert E.TAS.message_text("<<message_start>> hi <<message_end>> junk") == "hi"
+    assert len(E.TAS.message_text("x" * 10000)) == 500

@@ -1,0 +1,325 @@
+"""
+envs.py: the three social dilemmas as text games, their strict parsers and fixed opponents. No torch.
+
+    python envs.py --env ipd --opponent tit_for_tat     # play a game yourself, see the prompts
+
+A Game is two players and a hidden number of rounds. rollout.py drives a batch of games in lockstep:
+
+    while not game.done:
+        for p in game.to_act():              # players that must act now; game.phase is "message" or "action"
+            text = game.observe(p)           # the new user text for p since its last turn
+            opts = game.options(p)           # the valid action strings (constrained decoding), None for a message
+            game.act(p, reply)               # once every player in to_act() has acted, the game moves on
+    game.rewards[t] = (r0, r1), game.invalid[t] = (bool, bool), game.info[t] = {...}   per round t
+
+Invalid actions (SPEC 2.4), the same rule in every game: an output that does not parse is flagged in
+game.invalid and played as the least cooperative legal move (ipd: <B>; split: 10 of everything; tas:
+10 coins). Parsing never raises. Games of one group share the seed, hence the same hands/values/starter.
+"""
+import argparse
+import random
+import re
+
+GAMES = ("ipd", "split", "tas")
+
+def make_game(env, seed, n_rounds=10):
+    if env not in GAMES:
+        raise ValueError(f"unknown env {env!r}: choose one of {', '.join(GAMES)}")
+    return {"ipd": IPD, "split": Split, "tas": TAS}[env](seed, n_rounds)
+
+def proportional(x0, x1, total=10):
+    """Claims on one item of `total` units: each gets its claim if they fit, else a proportional share."""
+    if x0 + x1 <= total:
+        return float(x0), float(x1)
+    return total * x0 / (x0 + x1), total * x1 / (x0 + x1)
+
+class Game:
+    """The bookkeeping every game shares: inboxes of pending text, acting players, per-round records."""
+    intro = ""
+
+    def __init__(self, seed, n_rounds=10):
+        self.rng = random.Random(seed)     # environment randomness only (shared within a group)
+        self.n_rounds, self.round, self.done = n_rounds, 0, False
+        self.rewards, self.invalid, self.info = [], [], []
+        self.inbox = [self.intro, self.intro]
+        self.pending, self.moves = [], {}
+        self.start_round()
+
+    def to_act(self):
+        return [p for p in self.pending if p not in self.moves]
+
+    def observe(self, p):
+        text, self.inbox[p] = self.inbox[p].strip(), ""
+        return text
+
+    def act(self, p, text):
+        assert p in self.to_act(), f"player {p} is not to act now"
+        self.moves[p] = text if isinstance(text, str) else ""
+        if not self.to_act():
+            self.advance()
+
+class IPD(Game):
+    phase = "action"
+    intro = ("You are playing a repeated game with another agent. Each round you both choose, at the same time, "
+             "<A> or <B>. Points each round: both <A>: 3 each. Both <B>: 1 each. If one plays <B> and the other <A>, "
+             "the <B> player gets 5 and the <A> player 0. Your goal is to maximize your total points.")
+    PAYOFF = {("A", "A"): (3, 3), ("A", "B"): (0, 5), ("B", "A"): (5, 0), ("B", "B"): (1, 1)}
+
+    def start_round(self):
+        for p in (0, 1):
+            self.inbox[p] += "\nAnswer with exactly <A> or <B>."
+        self.pending, self.moves = [0, 1], {}
+
+    def options(self, p):
+        return ["<A>", "<B>"]
+
+    @staticmethod
+    def parse(text):
+        """-> 'A', 'B' or None (invalid)."""
+        m = re.fullmatch(r"\s*<([AB])>\s*", text)
+        return m.group(1) if m else None
+
+    def advance(self):
+        parsed = [self.parse(self.moves[p]) for p in (0, 1)]
+        moves = tuple(m or "B" for m in parsed)
+        self.rewards.append(self.PAYOFF[moves])
+        self.invalid.append(tuple(m is None for m in parsed))
+        self.info.append({"moves": moves})
+        self.round += 1
+        self.done = self.round >= self.n_rounds
+        if not self.done:
+            for p in (0, 1):
+                self.inbox[p] = f"The other agent played <{moves[1 - p]}>."
+            self.start_round()
+
+ITEMS = ("hats", "books", "balls")
+
+class Split(Game):
+    phase = "action"
+    intro = ("You and another agent split 10 hats, 10 books and 10 balls, again every round. Each of you values "
+             "each item at 1 or 10 points per unit; values change every round and both players see both. Each of "
+             "you proposes, at the same time, how many of each item to keep. If the two claims on an item add up "
+             "to 10 or less, each gets its claim; otherwise the item is shared in proportion to the claims. "
+             "Your goal is to maximize your total points.")
+    # the 12 value profiles: equal totals for both players, at least one item valued differently
+    PROFILES = [(a, b) for a in [(x, y, z) for x in (1, 10) for y in (1, 10) for z in (1, 10)]
+                for b in [(x, y, z) for x in (1, 10) for y in (1, 10) for z in (1, 10)] if sum(a) == sum(b) and a != b]
+
+    def start_round(self):
+        self.values = self.rng.choice(self.PROFILES)  # (player 0's, player 1's) per-unit values
+        for p in (0, 1):
+            mine, theirs = self.values[p], self.values[1 - p]
+            self.inbox[p] += ("\nThis round, your values: " + ", ".join(f"{i} {v}" for i, v in zip(ITEMS, mine)) +
+                              ". The other agent's values: " + ", ".join(f"{i} {v}" for i, v in zip(ITEMS, theirs)) +
+                              ".\nAnswer with exactly: Proposal: x hats, y books, z balls (whole numbers 0-10).")
+        self.pending, self.moves = [0, 1], {}
+
+    def options(self, p):
+        return [f"Proposal: {x} hats, {y} books, {z} balls" for x in range(11) for y in range(11) for z in range(11)]
+
+    @staticmethod
+    def parse(text):
+        """-> (x, y, z) or None (invalid)."""
+        m = re.fullmatch(r"\s*Proposal:\s*(\d{1,2})\s+hats\s*,\s*(\d{1,2})\s+books\s*,\s*(\d{1,2})\s+balls\s*\.?\s*", text)
+        if not m or any(int(g) > 10 for g in m.groups()):
+            return None
+        return tuple(int(g) for g in m.groups())
+
+    def advance(self):
+        parsed = [self.parse(self.moves[p]) for p in (0, 1)]
+        claims = [c or (10, 10, 10) for c in parsed]
+        got = [proportional(claims[0][i], claims[1][i]) for i in range(3)]
+        r = tuple(sum(got[i][p] * self.values[p][i] for i in range(3)) for p in (0, 1))
+        self.rewards.append(r)
+        self.invalid.append(tuple(c is None for c in parsed))
+        self.info.append({"values": self.values, "claims": tuple(claims)})
+        self.round += 1
+        self.done = self.round >= self.n_rounds
+        if not self.done:
+            for p in (0, 1):
+                c = claims
+                self.inbox[p] = (f"Last round you proposed {fmt_split(c[p])} and got {r[p]:g} points; the other agent "
+                                 f"proposed {fmt_split(c[1 - p])} and got {r[1 - p]:g} points.")
+            self.start_round()
+
+def fmt_split(c):
+    return f"{c[0]} hats, {c[1]} books, {c[2]} balls"
+
+HANDS = ("rock", "paper", "scissors")
+BEATS = {"rock": "scissors", "paper": "rock", "scissors": "paper"}
+
+class TAS(Game):
+    intro = ("You and another agent split 10 coins, again every round. Each round you each get a hand: rock, paper or "
+             "scissors, never the same. The winning hand (rock beats scissors, scissors beats paper, paper beats rock) "
+             "values each coin at 10 points, the losing hand at 1 point. You see only your own hand. Each round one "
+             "of you writes a message, the other replies, then both propose at the same time how many coins to keep. "
+             "If the claims add up to 10 or less, each gets its claim; otherwise the coins are shared in proportion "
+             "to the claims. Your goal is to maximize your total points.")
+    MSG = "Write one short message between <<message_start>> and <<message_end>>."
+    PROPOSE = "Answer with exactly: <<proposal_start>> x <<proposal_end>> where x is the coins you keep (0-10)."
+
+    def __init__(self, seed, n_rounds=10):
+        self.starter = None
+        super().__init__(seed, n_rounds)
+
+    def start_round(self):
+        self.hands = tuple(self.rng.sample(HANDS, 2))
+        self.starter = self.rng.randrange(2) if self.starter is None else 1 - self.starter
+        self.step, self.messages = 0, ["", ""]
+        for p in (0, 1):
+            self.inbox[p] += f"\nNew round. Your hand: {self.hands[p]}."
+        self.inbox[self.starter] += " " + self.MSG
+        self.phase, self.pending, self.moves = "message", [self.starter], {}
+
+    def upper(self, p):
+        return BEATS[self.hands[p]] == self.hands[1 - p]
+
+    def options(self, p):
+        return None if self.phase == "message" else [f"<<proposal_start>> {x} <<proposal_end>>" for x in range(11)]
+
+    @staticmethod
+    def parse(text):
+        """-> coins kept 0..10 or None (invalid)."""
+        m = re.fullmatch(r"\s*<<proposal_start>>\s*(\d{1,2})\s*<<proposal_end>>\s*", text)
+        return int(m.group(1)) if m and int(m.group(1)) <= 10 else None
+
+    @staticmethod
+    def message_text(text):
+        """The message between the tags (or the whole text without them), at most 500 characters."""
+        m = re.search(r"<<message_start>>(.*?)(<<message_end>>|$)", text, re.S)
+        return (m.group(1) if m else text).strip()[:500]
+
+    def advance(self):
+        if self.phase == "message":
+            p = self.pending[0]
+            self.messages[p] = self.message_text(self.moves[p])
+            if self.step == 0:  # the other player replies
+                self.inbox[1 - p] += f" The other agent says: {self.messages[p]} " + self.MSG
+                self.step, self.pending, self.moves = 1, [1 - p], {}
+            else:               # both propose
+                self.inbox[1 - p] += f" The other agent replies: {self.messages[p]}"
+                for q in (0, 1):
+                    self.inbox[q] += " " + self.PROPOSE
+                self.phase, self.pending, self.moves = "action", [0, 1], {}
+            return
+        parsed = [self.parse(self.moves[p]) for p in (0, 1)]
+        claims = [10 if c is None else c for c in parsed]
+        coins = proportional(*claims)
+        r = tuple(coins[p] * (10 if self.upper(p) else 1) for p in (0, 1))
+        self.rewards.append(r)
+        self.invalid.append(tuple(c is None for c in parsed))
+        self.info.append({"hands": self.hands, "starter": self.starter, "messages": tuple(self.messages),
+                          "claims": tuple(claims)})
+        self.round += 1
+        self.done = self.round >= self.n_rounds
+        if not self.done:
+            for p in (0, 1):
+                self.inbox[p] = (f"Last round the other agent had the {'upper' if self.upper(1 - p) else 'lower'} "
+                                 f"hand and claimed {claims[1 - p]} coins.")
+            self.start_round()
+
+# -----------------------------------------------------------------------------
+# fixed opponents: fn(game, player, rng) -> the text they play. They may read the whole game state.
+
+def ipd_history(g, p):
+    """[(my move, their move)] of the rounds played so far."""
+    return [(i["moves"][p], i["moves"][1 - p]) for i in g.info]
+
+def memory_one(p_open, pcc, pcd, pdc, pdd):
+    """A memory-one IPD strategy from its P(cooperate) at the opening and after CC, CD, DC, DD (mine, theirs)."""
+    probs = {("A", "A"): pcc, ("A", "B"): pcd, ("B", "A"): pdc, ("B", "B"): pdd}
+    def play(g, p, rng):
+        h = ipd_history(g, p)
+        return "<A>" if rng.random() < (probs[h[-1]] if h else p_open) else "<B>"
+    return play
+
+def ipd(rule):
+    """Wrap a rule over (my moves, their moves, rng) -> 'A'/'B' into a strategy."""
+    def play(g, p, rng):
+        h = ipd_history(g, p)
+        return f"<{rule([m for m, _ in h], [o for _, o in h], rng)}>"
+    return play
+
+def prober(mine, theirs, rng):
+    if len(mine) < 3:
+        return "BAA"[len(mine)]
+    if theirs[1:3] == ["A", "A"]:
+        return "B"
+    return theirs[-1]
+
+IPD_STRATEGIES = {
+    "cooperator": ipd(lambda m, o, r: "A"),
+    "defector": ipd(lambda m, o, r: "B"),
+    "random": ipd(lambda m, o, r: r.choice("AB")),
+    "tit_for_tat": ipd(lambda m, o, r: o[-1] if o else "A"),
+    "grudger": ipd(lambda m, o, r: "B" if "B" in o else "A"),
+    "win_stay_lose_shift": ipd(lambda m, o, r: ("A" if m[-1] == o[-1] else "B") if o else "A"),
+    "tit_for_2_tats": ipd(lambda m, o, r: "B" if o[-2:] == ["B", "B"] else "A"),
+    "suspicious_tit_for_tat": ipd(lambda m, o, r: o[-1] if o else "B"),
+    "generous_tit_for_tat": ipd(lambda m, o, r: "A" if not o or o[-1] == "A" or r.random() < 1 / 3 else "B"),
+    "alternator": ipd(lambda m, o, r: "AB"[len(m) % 2]),
+    "joss": ipd(lambda m, o, r: "B" if o and o[-1] == "B" else ("A" if r.random() < 0.9 else "B")),
+    "prober": ipd(prober),
+    "zd_extort_2": memory_one(1.0, 8 / 9, 1 / 2, 1 / 3, 0.0),
+}
+
+def split_welfare_max(g, p, rng):
+    mine, theirs = g.values[p], g.values[1 - p]
+    return "Proposal: " + fmt_split([10 if a > b else 0 if a < b else 5 for a, b in zip(mine, theirs)])
+
+def tas_strategy(honest):
+    def play(g, p, rng):
+        if g.phase == "message":
+            text = f"My hand is {g.hands[p]}." if honest else "I have the upper hand, so I take all the coins."
+            return f"<<message_start>> {text} <<message_end>>"
+        return f"<<proposal_start>> {10 if not honest or g.upper(p) else 0} <<proposal_end>>"
+    return play
+
+STRATEGIES = {
+    "ipd": IPD_STRATEGIES,
+    "split": {"greedy": lambda g, p, r: "Proposal: 10 hats, 10 books, 10 balls", "welfare_max": split_welfare_max},
+    "tas": {"greedy": tas_strategy(honest=False), "honest": tas_strategy(honest=True)},
+}
+
+def play_fixed(env, a, b, seed, n_rounds=10):
+    """One game between two fixed strategies (by name). -> the finished Game."""
+    g, rng = make_game(env, seed, n_rounds), random.Random(seed + 1)
+    fns = [STRATEGIES[env][a], STRATEGIES[env][b]]
+    while not g.done:
+        for p in g.to_act():
+            g.observe(p)
+            g.act(p, fns[p](g, p, rng))
+    return g
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Play a game against a fixed opponent in the terminal.")
+    ap.add_argument("--env", default="ipd", choices=GAMES)
+    ap.add_argument("--opponent", default=None, help="a fixed strategy; default: the first one of the env")
+    ap.add_argument("--n_rounds", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    opp_name = args.opponent or next(iter(STRATEGIES[args.env]))
+    if opp_name not in STRATEGIES[args.env]:
+        ap.error(f"unknown opponent {opp_name!r} for {args.env}: choose from {', '.join(STRATEGIES[args.env])}")
+    g, rng, opp = make_game(args.env, args.seed, args.n_rounds), random.Random(args.seed), STRATEGIES[args.env][opp_name]
+    print(f"You are player 0 against {opp_name}. The game ends without warning.\n")
+    shown = 0
+    try:
+        while not g.done:
+            for p in g.to_act():
+                text = g.observe(p)
+                if p == 1:
+                    g.act(1, opp(g, 1, rng))
+                else:
+                    print(f"[user] {text}")
+                    g.act(0, input("[you] "))
+            if len(g.rewards) > shown:  # a round just ended
+                shown = len(g.rewards)
+                print(f"  -> round {shown - 1}: points {g.rewards[-1]}, invalid {g.invalid[-1]}")
+    except (EOFError, KeyboardInterrupt):
+        print("\nbye")
+    tot = [sum(r[p] for r in g.rewards) for p in (0, 1)]
+    print(f"\nrounds played: {len(g.rewards)}; your points {tot[0]:g}, {opp_name}'s {tot[1]:g}; "
+          f"your invalid actions: {sum(i[0] for i in g.invalid)}")
