@@ -66,8 +66,9 @@ class IPD(Game):
     PAYOFF = {("A", "A"): (3, 3), ("A", "B"): (0, 5), ("B", "A"): (5, 0), ("B", "B"): (1, 1)}
 
     def start_round(self):
-        for p in (0, 1):
-            self.inbox[p] += "\nAnswer with exactly <A> or <B>."
+        if self.round == 0:
+            for p in (0, 1):
+                self.inbox[p] += "\nAnswer with exactly <A> or <B>."
         self.pending, self.moves = [0, 1], {}
 
     def options(self, p):

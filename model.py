@@ -163,6 +163,23 @@ class KVCache:
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)              # (B,) next position
         self.len = 0                                                                      # slots used
 
+    def reserve(self, n):
+        """Make room for n more slots (grow by doubling: rarely, and amortized)."""
+        if self.len + n > self.k.size(3):
+            new = max(2 * self.k.size(3), self.len + n)
+            grow = lambda x, dim: torch.cat([x, x.new_zeros(*x.shape[:dim], new - x.size(dim), *x.shape[dim + 1:])], dim)
+            self.k, self.v, self.valid = grow(self.k, 3), grow(self.v, 3), grow(self.valid, 1)
+
+    def fill_from(self, one):
+        """Start every row of this empty cache with the content of a 1-row cache (a shared prompt prefix)."""
+        assert self.len == 0 and one.k.size(1) == 1
+        self.reserve(one.len)
+        self.k[:, :, :, :one.len] = one.k[:, :, :, :one.len]
+        self.v[:, :, :, :one.len] = one.v[:, :, :, :one.len]
+        self.valid[:, :one.len] = one.valid[:, :one.len]
+        self.pos[:] = one.pos
+        self.len = one.len
+
     def compact(self):
         """Move each row's valid slots to the front (in order); attention only sees valid slots, so exact."""
         n = int(self.valid.sum(1).max()) if self.len else 0
@@ -207,15 +224,22 @@ class Transformer(nn.Module):
         """idx (B, T) -> logits (B, T, V), like nanoGPT."""
         return self.lm_head(self.hidden(idx)).float()
 
-    def token_logprobs(self, idx, mask):
-        """Training path. idx (B, T) right-padded, mask (B, T) bool marks the tokens to score (never
-        position 0). Returns fp32 log pi(idx[b, t]) and the policy entropy at those tokens, both (N,)
-        in row-major order. The lm_head runs only at the N predicting positions."""
-        h = self.hidden(idx)[:, :-1][mask[:, 1:]]              # (N, C): position t-1 predicts token t
-        logits = self.lm_head(h).float()                        # (N, V)
-        logp_all = F.log_softmax(logits, dim=-1)
-        logp = logp_all.gather(1, idx[mask][:, None]).squeeze(1)  # (N,)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    def token_logprobs(self, idx, mask, allowed=None):
+        """Training path. idx (B, T) right-padded, mask (B, T) bool marks the N tokens to score (never
+        position 0). Returns fp32 log pi(idx[b, t]) and the policy entropy there, both (N,), row-major.
+        allowed (N, K) long, -1 padded: renormalize over those tokens (constrained decoding's policy);
+        a row of all -1 means unconstrained. The lm_head runs only at the N predicting positions."""
+        h = self.hidden(idx)[:, :-1][mask[:, 1:]]               # (N, C): position t-1 predicts token t
+        logp_all = F.log_softmax(self.lm_head(h).float(), dim=-1)  # (N, V)
+        tgt = idx[mask]                                          # (N,)
+        if allowed is not None:
+            free = (allowed < 0).all(1, keepdim=True)            # (N, 1)
+            keep = torch.zeros_like(logp_all, dtype=torch.bool).scatter_(1, allowed.clamp(min=0), allowed >= 0)
+            logp_all = torch.where(keep | free, logp_all, float("-inf"))
+            logp_all = logp_all - logp_all.logsumexp(-1, keepdim=True)
+        logp = logp_all.gather(1, tgt[:, None]).squeeze(1)
+        p = logp_all.exp()
+        entropy = -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
         return logp, entropy
 
     @torch.no_grad()

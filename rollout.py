@@ -1,0 +1,272 @@
+"""
+rollout.py: play a batch of games in lockstep with batched, KV-cached sampling, and keep the exact
+token bookkeeping that the loss needs (which tokens were sampled, in which round, by whom).
+
+Each turn, every LM-played seat that must act is sampled in one batched model call per policy: the game's
+new text is appended to that seat's conversation in the persistent KV cache (earlier turns are never
+recomputed), then the reply is decoded. Actions with a finite format use constrained decoding (SPEC 3.7):
+a trie over the token sequences of the valid action strings (each ending with the end-of-turn token)
+masks the logits, so every action is legal. Runs of forced tokens (a trie node with one child) are fed
+as one chunk without sampling. The loss uses the same masked, renormalized policy (train.py passes
+`allowed`), which makes the update on-policy; `constrained=False` samples actions freely to measure the
+raw model's invalid rate.
+"""
+import random
+from dataclasses import dataclass
+
+import torch
+
+import envs
+from model import KVCache, sample
+
+SYSTEM = "You are a player in a game. Follow the answer format exactly."
+
+# -----------------------------------------------------------------------------
+# policies
+
+class Chat:
+    """The token ids of chat turns for one tokenizer, derived from its chat template (ChatML, Llama 3...)."""
+    def __init__(self, tok):
+        self.tok = tok
+        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "\x01U\x01"}]
+        r1 = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        msgs += [{"role": "assistant", "content": "\x01A\x01"}, {"role": "user", "content": "\x01V\x01"}]
+        r2 = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        self.head, self.first_tail = r1.split("\x01U\x01")
+        between, self.tail = r2[len(r1):].split("\x01A\x01")[1].split("\x01V\x01")
+        self.eot = tok.convert_tokens_to_ids(tok.eos_token) if between.startswith(tok.eos_token) else None
+        if self.eot is None:  # templates whose turns end with a special token other than eos (Llama 3)
+            self.eot = self.encode(between)[0]
+        self.between = between[len(tok.decode([self.eot])):]
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def first(self, shared, text):
+        """First turn -> (ids shared by every game of the env, ids of this game's first round)."""
+        return self.encode(self.head + shared), self.encode(text + self.first_tail)
+
+    def next(self, text):
+        return self.encode(self.between + text + self.tail)
+
+class LMPolicy:
+    """A language model playing a seat. `name` labels it in logs."""
+    def __init__(self, model, tok, name="model"):
+        self.model, self.tok, self.name, self.chat = model, tok, name, Chat(tok)
+        self.tries = {}
+
+    def trie(self, options):
+        """Trie over the token sequences of the valid strings, each ending with end-of-turn: {tok: child}."""
+        key = tuple(options)
+        if key not in self.tries:
+            root = {}
+            for s in options:
+                node = root
+                for t in self.chat.encode(s) + [self.chat.eot]:
+                    node = node.setdefault(t, {})
+            self.tries[key] = root
+        return self.tries[key]
+
+class FixedPolicy:
+    """A fixed strategy from envs.py (or anything with reply(game, player, text, rng) -> text)."""
+    def __init__(self, env, name):
+        if name not in envs.STRATEGIES[env]:
+            raise ValueError(f"unknown {env} strategy {name!r}: choose from {', '.join(envs.STRATEGIES[env])}")
+        self.name, self.fn = name, envs.STRATEGIES[env][name]
+
+    def reply(self, game, p, text, rng):
+        return self.fn(game, p, rng)
+
+# -----------------------------------------------------------------------------
+# the batch of trajectories
+
+@dataclass
+class Rollout:
+    """N = 2 * n_games trajectories (game i's seats are rows 2i and 2i+1), L tokens, T rounds."""
+    ids: torch.Tensor            # (N, L) long: the exact token ids of each conversation, right-padded with 0
+    length: torch.Tensor         # (N,) tokens per conversation (0 for fixed-strategy seats)
+    action_mask: torch.Tensor    # (N, L) bool: sampled (trainable) tokens, end-of-turn tokens included
+    token_round: torch.Tensor    # (N, L) long: round index of each token (-1 on padding)
+    sampler_logp: torch.Tensor   # (N, L) float: log-prob of each sampled token under the sampler
+    allowed: torch.Tensor        # (n_sampled, K) long: tokens the mask allowed, -1 padded; all -1 = free sampling
+    rewards: torch.Tensor        # (N, T) float: per-round rewards (unscaled)
+    invalid: torch.Tensor        # (N, T) bool: invalid actions (played as the least cooperative move)
+    game: torch.Tensor           # (N,) game index
+    group: torch.Tensor          # (N,) group index (games sharing the environment seed)
+    seat: torch.Tensor           # (N,) 0 or 1
+    policy: torch.Tensor         # (N,) index into the policies list
+    games: list                  # the finished envs.Game objects (moves, messages, hands, values per round)
+
+# -----------------------------------------------------------------------------
+# play
+
+@torch.no_grad()
+def rollout(env, policies, seat_policy, n_games, seed, group_size=1, n_rounds=10, temperature=1.0,
+            constrained=True, max_msg_tokens=48, max_action_tokens=24, progress=None):
+    """Play n_games of env. policies: list of LMPolicy/FixedPolicy; seat_policy (n_games, 2) indices into it.
+    Games g and g' share the environment seed when g // group_size == g' // group_size."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    games = [envs.make_game(env, seed * 100003 + g // group_size, n_rounds) for g in range(n_games)]
+    N = 2 * n_games
+    toks = [dict(ids=[], sampled=[], rnd=[], logp=[], allowed=[]) for _ in range(N)]
+    rows = {}  # LM policy index -> {"traj": [trajectory ids], "cache": KVCache, "pending": [[ids not yet fed]]}
+    for k, pol in enumerate(policies):
+        if isinstance(pol, LMPolicy):
+            traj = [2 * g + s for g in range(n_games) for s in (0, 1) if int(seat_policy[g][s]) == k]
+            if traj:
+                m = pol.model
+                rows[k] = dict(traj=traj, pending=[[] for _ in traj], shared=pol.chat.first(games[0].intro, "")[0],
+                               cache=KVCache(m.cfg, len(traj), 256, m.lm_head.weight.device, m.lm_head.weight.dtype))
+    while not all(g.done for g in games):
+        acting = [(gi, p) for gi, g in enumerate(games) if not g.done for p in g.to_act()]
+        texts = {(gi, p): games[gi].observe(p) for gi, p in acting}
+        replies = {}
+        for k, pol in enumerate(policies):
+            mine = [(gi, p) for gi, p in acting if int(seat_policy[gi][p]) == k]
+            if not mine:
+                continue
+            if isinstance(pol, LMPolicy):
+                replies.update(lm_turn(pol, rows[k], mine, games, texts, toks, gen, temperature, constrained,
+                                       max_msg_tokens, max_action_tokens))
+            else:
+                for gi, p in mine:
+                    replies[(gi, p)] = pol.reply(games[gi], p, texts[(gi, p)], rng)
+        for (gi, p), text in replies.items():
+            games[gi].act(p, text)
+        if progress is not None:
+            progress.update(1)
+    return pack(toks, games, seat_policy, group_size, n_rounds)
+
+def lm_turn(pol, state, acting, games, texts, toks, gen, temperature, constrained, max_msg_tokens, max_action_tokens):
+    """One turn for the acting seats of one LM policy: feed their new text, decode their replies."""
+    model, chat, cache = pol.model, pol.chat, state["cache"]
+    dev = cache.valid.device
+    index = {t: r for r, t in enumerate(state["traj"])}
+    R = len(state["traj"])
+    # 1. the new text of each acting row (plus the tokens it sampled last turn that are not in the cache yet)
+    if cache.len == 0:  # the system prompt and intro are the same for all rows: compute them once, copy
+        shared = state["shared"]
+        one = KVCache(model.cfg, 1, len(shared), dev, cache.k.dtype)
+        model.extend(one, torch.tensor([shared], device=dev), torch.tensor([len(shared)], device=dev))
+        cache.fill_from(one)
+        for t in state["traj"]:
+            record(toks[t], shared, 0)
+    elif cache.len > 2 * int(cache.valid.sum(1).max()):
+        cache.compact()   # padding slots pile up when few rows act: squeeze them out once in a while
+    chunks, out = [[] for _ in range(R)], {}
+    nodes, budget, ends = [None] * R, [0] * R, set()
+    for gi, p in acting:
+        r, t, g = index[2 * gi + p], 2 * gi + p, games[gi]
+        text = texts[(gi, p)]
+        if len(toks[t]["ids"]) == len(state["shared"]):   # this seat's first turn
+            assert text.startswith(g.intro)
+            ids = chat.first(g.intro, text[len(g.intro):])[1]
+        else:
+            ids = chat.next(text)
+        record(toks[t], ids, g.round)
+        chunks[r], out[r] = state["pending"][r] + ids, []
+        state["pending"][r] = []
+        opts = g.options(p)
+        if opts is not None and constrained:
+            nodes[r] = pol.trie(opts)
+            for tok, nd in follow_forced(nodes[r]):     # e.g. the '<' of '<A>'/'<B>': no choice, no sampling
+                record(toks[t], [tok], g.round, sampled=True, logp=0.0, allowed=[tok])
+                chunks[r].append(tok)
+                out[r].append(tok)
+                nodes[r] = nd
+        budget[r] = max_msg_tokens if opts is None else max_action_tokens
+    # 2. decode: sample, follow forced runs, feed them back, until every acting row ends its reply
+    active = {index[2 * gi + p]: (gi, p) for gi, p in acting}
+    while active:
+        T = max(len(c) for c in chunks)
+        idx = torch.zeros(R, T, dtype=torch.long, device=dev)
+        for r, c in enumerate(chunks):
+            idx[r, :len(c)] = torch.tensor(c, dtype=torch.long)
+        cache.reserve(T)
+        logits = model.extend(cache, idx, torch.tensor([len(c) for c in chunks], device=dev))
+        chunks = [[] for _ in range(R)]
+        rlist = list(active)
+        lg = logits[rlist].float()                                           # (R_active, V)
+        allowed = []
+        for i, r in enumerate(rlist):
+            if nodes[r] is not None:
+                a = list(nodes[r])                                           # the trie's continuations
+            elif len(out[r]) >= budget[r] - 1 or r in ends:
+                a = [chat.eot]                                               # budget spent or end tag written
+            else:
+                a = None                                                     # free text
+            if a is not None:
+                keep = torch.full_like(lg[i], float("-inf"))
+                keep[a] = 0.0
+                lg[i] += keep
+            allowed.append(a)
+        nxt = sample(lg, temperature, gen)
+        logp = torch.log_softmax(lg / max(temperature, 1e-6), -1).gather(1, nxt[:, None]).squeeze(1)
+        for i, r in enumerate(rlist):
+            gi, p = active[r]
+            t, g, tok = 2 * gi + p, games[gi], int(nxt[i])
+            record(toks[t], [tok], g.round, sampled=True, logp=float(logp[i]), allowed=allowed[i])
+            out[r].append(tok)
+            feed = [tok]
+            if nodes[r] is not None:
+                nodes[r] = nodes[r][tok]
+                for ftok, nd in follow_forced(nodes[r]):
+                    record(toks[t], [ftok], g.round, sampled=True, logp=0.0, allowed=[ftok])
+                    out[r].append(ftok)
+                    feed.append(ftok)
+                    nodes[r] = nd
+            elif "<<message_end>>" in chat.tok.decode(out[r][-8:]):
+                ends.add(r)
+            if out[r][-1] == chat.eot:
+                state["pending"][r] = feed                                   # fed with the next turn's text
+                del active[r]
+            else:
+                chunks[r] = feed
+    eot = chat.eot
+    return {(gi, p): chat.tok.decode([x for x in out[index[2 * gi + p]] if x != eot]) for gi, p in acting}
+
+def follow_forced(node):
+    """[(token, node after it)] along the chain of single-child trie nodes starting at node."""
+    chain = []
+    while len(node) == 1:
+        tok, node = next(iter(node.items()))
+        chain.append((tok, node))
+    return chain
+
+def record(tr, ids, rnd, sampled=False, logp=0.0, allowed=None):
+    tr["ids"] += ids
+    tr["rnd"] += [rnd] * len(ids)
+    tr["sampled"] += [sampled] * len(ids)
+    tr["logp"] += [logp] * len(ids)
+    if sampled:
+        tr["allowed"].append(allowed)
+
+def pack(toks, games, seat_policy, group_size, n_rounds):
+    """Lists per trajectory -> padded tensors."""
+    N, L = len(toks), max(1, max(len(t["ids"]) for t in toks))
+    ids = torch.zeros(N, L, dtype=torch.long)
+    mask = torch.zeros(N, L, dtype=torch.bool)
+    rnd = torch.full((N, L), -1, dtype=torch.long)
+    logp = torch.zeros(N, L)
+    for i, t in enumerate(toks):
+        n = len(t["ids"])
+        ids[i, :n] = torch.tensor(t["ids"], dtype=torch.long)
+        mask[i, :n] = torch.tensor(t["sampled"], dtype=torch.bool)
+        rnd[i, :n] = torch.tensor(t["rnd"], dtype=torch.long)
+        logp[i, :n] = torch.tensor(t["logp"])
+    allowed_lists = [a for t in toks for a in t["allowed"]]
+    K = max([len(a) for a in allowed_lists if a is not None] + [1])
+    allowed = torch.full((len(allowed_lists), K), -1, dtype=torch.long)
+    for j, a in enumerate(allowed_lists):
+        if a is not None:
+            allowed[j, :len(a)] = torch.tensor(a, dtype=torch.long)
+    T = n_rounds
+    rewards = torch.tensor([[g.rewards[t][s] for t in range(T)] for g in games for s in (0, 1)], dtype=torch.float)
+    invalid = torch.tensor([[g.invalid[t][s] for t in range(T)] for g in games for s in (0, 1)], dtype=torch.bool)
+    game = torch.arange(N) // 2
+    return Rollout(ids=ids, length=torch.tensor([len(t["ids"]) for t in toks]), action_mask=mask, token_round=rnd,
+                   sampler_logp=logp, allowed=allowed, rewards=rewards, invalid=invalid, game=game,
+                   group=game // group_size, seat=torch.arange(N) % 2,
+                   policy=torch.tensor([int(seat_policy[g][s]) for g in range(len(games)) for s in (0, 1)]),
+                   games=games)

@@ -1,0 +1,403 @@
+"""
+train.py: fine-tune a small LLM to play a social dilemma with Advantage Alignment (or naive REINFORCE,
+or the sum-of-rewards oracle), a group-relative leave-one-out baseline, and full fine-tuning.
+
+    python train.py --env ipd                       # the embedded SmolLM2-135M-Instruct, on a CPU
+    python train.py --env ipd --algo naive          # plain policy gradient, self-play
+    python train.py --env ipd --algo naive --opponent out/ckpt    # exploit a frozen policy
+    python train.py --preset paper --env tas        # the paper's settings (a GPU)
+    python train.py --help                          # every knob with its default
+
+Each iteration: play n_games (rollout.py) -> advantages and credits (advantage.py) -> one optimizer step
+of the token-level REINFORCE loss -> one log line -> a checkpoint every ckpt_interval iterations.
+Simplifications against the released code, on purpose:
+  1. Full fine-tuning of a small model instead of LoRA on a 7B model.
+  2. Constrained decoding of actions, trained with the same masked policy (on-policy); free text for messages.
+  3. The loss averages over decision tokens: tokens forced by the action format (one legal choice) have
+     log-prob 0 under the masked policy and carry no gradient, so they are not counted.
+  4. All randomness of iteration i derives from (seed, i), so --resume continues the same stream.
+"""
+import ast
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+from tqdm import tqdm
+
+import advantage
+import envs
+from model import load_dir, load_model, save_pretrained
+from rollout import FixedPolicy, LMPolicy, rollout
+
+# -----------------------------------------------------------------------------
+# config: every knob, with its default. Override with --key value or --key=value.
+env = "ipd"               # ipd | split | tas
+model_name = "smollm2-135m"  # embedded model, a HF checkpoint dir, or a HF repo id (needs a hub)
+out_dir = "out"           # checkpoints and log.jsonl go here
+resume = False            # continue from out_dir/ckpt
+max_iters = 30            # training iterations
+ckpt_interval = 10        # checkpoint every this many iterations (and at the end)
+seed = 0
+# games
+n_games = 16              # games per iteration (2 trajectories each)
+n_rounds = 10             # rounds per game (never told to the players)
+group_size = 0            # games sharing an environment seed; 0 = the env's default (ipd 1, split/tas 8)
+max_msg_tokens = 32       # token budget of a free-text message (tas)
+temperature = 1.0         # sampling temperature during training
+constrained = True        # constrained decoding of actions (SPEC 3.7)
+# algorithm
+algo = "adalign"          # adalign | naive | sum
+jit = False               # AA's "jit" form (k <= t, no extra gamma) instead of the released one
+beta = -1.0               # AA strength; -1 = the env's default (ipd 0.5, split 1.0, tas 2.0)
+gamma = -1.0              # discount; -1 = the env's default (0.9, 0.9, 0.96)
+reward_scale = -1.0       # rewards are multiplied by this; -1 = the env's default (1/5, 1/100, 1/100)
+entropy_coef = -1.0       # entropy bonus; -1 = default (0.01 for ipd adalign, else 0)
+kl_coef = -1.0            # k3 KL to the initial model; -1 = default (0.001 for split/tas, else 0)
+opponent = ""             # train one seat against this fixed strategy (envs.py) or frozen checkpoint dir
+buffer_interval = 10      # AA agent buffer: snapshot the policy every this many iterations
+buffer_size = 4           # AA agent buffer: snapshots kept (bf16, on disk in out_dir/snapshots)
+buffer_prob = 0.5         # AA: probability that a game's opponent is a past snapshot (else the live policy)
+# optimization
+lr = 1e-5                 # Adam learning rate (full fine-tuning)
+weight_decay = 0.0
+grad_clip = 1.0           # max gradient norm
+micro_batch = 8           # trajectories per forward/backward (memory)
+device = "auto"           # auto | cpu | cuda | cuda:1 ...
+dtype = "auto"            # auto | float32 | bfloat16: autocast dtype of forward passes (weights stay fp32)
+preset = ""               # "paper": the released hyperparameters (128/64 games, lr 3e-6, a 7B-class model)
+# -----------------------------------------------------------------------------
+CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
+
+ENV_DEFAULTS = {  # SPEC 3: beta, gamma, reward scale, group size, KL
+    "ipd": dict(beta=0.5, gamma=0.9, reward_scale=1 / 5, group_size=1, kl_coef=0.0),
+    "split": dict(beta=1.0, gamma=0.9, reward_scale=1 / 100, group_size=8, kl_coef=0.001),
+    "tas": dict(beta=2.0, gamma=0.96, reward_scale=1 / 100, group_size=8, kl_coef=0.001),
+}
+PRESETS = {"paper": dict(lr=3e-6, max_iters=1000, model_name="Qwen/Qwen2.5-7B-Instruct", max_msg_tokens=128,
+                         n_games={"ipd": 128, "split": 64, "tas": 64})}
+
+def config_help():
+    """The config block above, read from this file: name = default  # comment."""
+    src = open(__file__).read().split("# config:")[1].split("# ---")[0]
+    return "\n".join("  --" + line.split("=")[0].strip().ljust(16) + "=" + line.split("=", 1)[1]
+                     for line in src.splitlines() if "=" in line and not line.startswith("#"))
+
+def parse_args(argv, cfg):
+    """--key value / --key=value over the config globals, type-checked against the defaults."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.split("Each iteration")[0] + "knobs (default):\n" + config_help())
+        sys.exit(0)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            sys.exit(f"error: expected --key value, got {arg!r} (see --help)")
+        key, val = arg[2:].split("=", 1) if "=" in arg else (arg[2:], None)
+        if val is None:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                val = "True" if isinstance(cfg.get(key), bool) else None   # a bare --resume means True
+                if val is None:
+                    sys.exit(f"error: --{key} needs a value (see --help)")
+            else:
+                i += 1
+                val = argv[i]
+        i += 1
+        if key not in cfg:
+            sys.exit(f"error: unknown config key --{key} (see --help for the list)")
+        default = cfg[key]
+        try:
+            new = ast.literal_eval(val) if not isinstance(default, str) else val
+        except (ValueError, SyntaxError):
+            new = {"true": True, "false": False}.get(val.lower(), val) if isinstance(default, bool) else val
+        if isinstance(default, bool) and not isinstance(new, bool):
+            sys.exit(f"error: --{key} wants true or false, got {val!r}")
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if isinstance(new, bool) or not isinstance(new, (int, float)) or (isinstance(default, int) and not isinstance(new, int)):
+                sys.exit(f"error: --{key} wants a {type(default).__name__}, got {val!r}")
+            new = type(default)(new)
+        cfg[key] = new
+    return cfg
+
+def resolve(cfg):
+    """Fill the per-env defaults, apply a preset, and check values."""
+    if cfg["env"] not in envs.GAMES:
+        sys.exit(f"error: --env must be one of {', '.join(envs.GAMES)}, got {cfg['env']!r}")
+    if cfg["algo"] not in ("adalign", "naive", "sum"):
+        sys.exit(f"error: --algo must be adalign, naive or sum, got {cfg['algo']!r}")
+    if cfg["preset"]:
+        if cfg["preset"] not in PRESETS:
+            sys.exit(f"error: unknown --preset {cfg['preset']!r}: choose {', '.join(PRESETS)}")
+        for k, v in PRESETS[cfg["preset"]].items():
+            cfg[k] = v[cfg["env"]] if isinstance(v, dict) else v
+    d = ENV_DEFAULTS[cfg["env"]]
+    for k in ("beta", "gamma", "reward_scale", "kl_coef"):
+        if cfg[k] < 0:
+            cfg[k] = d[k]
+    if cfg["group_size"] <= 0:
+        cfg["group_size"] = d["group_size"]
+    if cfg["entropy_coef"] < 0:
+        cfg["entropy_coef"] = 0.01 if cfg["env"] == "ipd" and cfg["algo"] == "adalign" else 0.0
+    for k in ("n_games", "n_rounds", "max_iters", "micro_batch", "ckpt_interval", "buffer_interval", "buffer_size"):
+        if cfg[k] < 1:
+            sys.exit(f"error: --{k} must be at least 1, got {cfg[k]}")
+    if cfg["n_games"] % cfg["group_size"]:
+        sys.exit(f"error: n_games ({cfg['n_games']}) must be a multiple of group_size ({cfg['group_size']})")
+    if not 0 < cfg["gamma"] <= 1 or cfg["lr"] <= 0 or cfg["temperature"] <= 0:
+        sys.exit("error: need 0 < gamma <= 1, lr > 0 and temperature > 0")
+    return cfg
+
+def pick_device_dtype(dev, dt):
+    """CUDA when present; bf16 autocast where it is measured faster than fp32, else fp32."""
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dt == "auto":
+        if dev.startswith("cuda"):
+            dt = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+        else:  # CPUs without bf16 instructions run bf16 matmuls several times slower: time both
+            x, w = torch.randn(256, 576), torch.randn(1536, 576)
+            def timed(d):
+                a, b = x.to(d), w.to(d)
+                torch.nn.functional.linear(a, b)
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    torch.nn.functional.linear(a, b)
+                return time.perf_counter() - t0
+            dt = "bfloat16" if timed(torch.bfloat16) < 0.7 * timed(torch.float32) else "float32"
+    if dt not in ("float32", "bfloat16"):
+        sys.exit(f"error: --dtype must be auto, float32 or bfloat16, got {dt!r}")
+    return dev, dt
+
+# -----------------------------------------------------------------------------
+# ALGO LOGIC: from a rollout to the token-level loss
+
+def token_credits(ro, C):
+    """Per-round credits C (N, T) -> per-token credits (N, L), zero where the token is not trained."""
+    return torch.where(ro.action_mask, C.gather(1, ro.token_round.clamp(min=0)), 0.0)
+
+def compute_credits(ro, trained, cfg):
+    """Advantages of every trajectory (own baseline per group and player), then each algorithm's credit.
+    trained (N,) bool: rows whose tokens get gradient. Player id = (trained or not, seat): a frozen
+    opponent never shares a baseline with the trained policy. -> credits (N, T), advantages (N, T)."""
+    player = (~trained).long() * 2 + ro.seat
+    A = advantage.advantages(ro.rewards, cfg["gamma"], ro.group, player, cfg["reward_scale"])
+    A_opp = A[torch.arange(A.size(0)) ^ 1]           # rows 2g and 2g+1 are the two seats of game g
+    return advantage.credits(cfg["algo"], A, A_opp, cfg["beta"], cfg["gamma"], cfg["jit"]), A
+
+def update(model, ref_model, opt, ro, credit, trained, cfg, autocast):
+    """One optimizer step of L = -(1/N) sum C log pi - ent * H + kl * k3, over decision tokens of the
+    trained rows, in micro-batches. Returns stats; skips the step if the loss or grads are not finite
+    or if there is no signal (all credits 0: Adam's momentum alone would still move the weights)."""
+    tok_credit = token_credits(ro, credit)                              # (N, L)
+    n_allowed = (ro.allowed >= 0).sum(1)                                # (n_sampled,)
+    decision = torch.zeros_like(ro.action_mask)
+    decision[ro.action_mask] = n_allowed != 1                           # free tokens (0) or a real choice (>1)
+    decision &= trained[:, None]
+    allowed_all = torch.full((*ro.ids.shape, ro.allowed.size(1)), -1, dtype=torch.long)
+    allowed_all[ro.action_mask] = ro.allowed                            # (N, L, K)
+    n_tok = int(decision.sum())
+    stats = dict(loss=0.0, entropy=0.0, kl=0.0, n_tok=n_tok, skipped="")
+    if n_tok == 0 or not tok_credit[decision].abs().gt(0).any() and cfg["entropy_coef"] == 0:
+        stats["skipped"] = "no signal"
+        return stats
+    dev = next(model.parameters()).device
+    rows = trained.nonzero().flatten().tolist()
+    opt.zero_grad(set_to_none=True)
+    for i in range(0, len(rows), cfg["micro_batch"]):
+        mb = rows[i:i + cfg["micro_batch"]]
+        L = int(ro.length[mb].max())
+        ids, mask = ro.ids[mb, :L].to(dev), decision[mb, :L].to(dev)
+        if not mask.any():
+            continue
+        allowed = allowed_all[mb, :L][decision[mb, :L]].to(dev)
+        with autocast:
+            logp, ent = model.token_logprobs(ids, mask, allowed)
+        c = tok_credit[mb, :L][decision[mb, :L]].to(dev)
+        loss = -(c * logp).sum() - cfg["entropy_coef"] * ent.sum()
+        if ref_model is not None and cfg["kl_coef"] > 0:
+            with torch.no_grad(), autocast:
+                ref_logp, _ = ref_model.token_logprobs(ids, mask, allowed)
+            diff = ref_logp - logp
+            k3 = diff.exp() - diff - 1                                # k3 estimator of KL(pi || pi_ref)
+            loss = loss + cfg["kl_coef"] * k3.sum()
+            stats["kl"] += k3.sum().item() / n_tok
+        (loss / n_tok).backward()
+        stats["loss"] += loss.item() / n_tok
+        stats["entropy"] += ent.sum().item() / n_tok
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+    if not math.isfinite(stats["loss"]) or not torch.isfinite(norm):
+        opt.zero_grad(set_to_none=True)
+        stats["skipped"] = "non-finite loss or gradient"
+        return stats
+    opt.step()
+    stats["grad_norm"] = norm.item()
+    return stats
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def save_checkpoint(model, tok, opt, it, cfg, snapshots, path):
+    """out_dir/ckpt: the policy as a save_pretrained dir + state.pt. Written to a temp dir, then renamed."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tok, tmp)
+    torch.save({"iter": it, "optimizer": opt.state_dict(), "config": cfg, "snapshots": snapshots},
+               os.path.join(tmp, "state.pt"))
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+def save_snapshot(model, out_dir, it):
+    from safetensors.torch import save_file
+    d = os.path.join(out_dir, "snapshots")
+    os.makedirs(d, exist_ok=True)
+    f = os.path.join(d, f"iter{it:05d}.safetensors")
+    sd = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()
+          if k != "lm_head.weight" or not model.cfg.tie_embeddings}
+    save_file(sd, f + ".tmp")
+    os.replace(f + ".tmp", f)
+    return f
+
+def load_snapshot(model, f):
+    from safetensors.torch import load_file
+    sd = load_file(f)
+    with torch.no_grad():
+        for k, p in model.state_dict().items():
+            if k in sd:
+                p.copy_(sd[k])
+
+# -----------------------------------------------------------------------------
+
+def metrics(ro, trained, cfg):
+    """Per-round means of the iteration for the log line."""
+    r = ro.rewards                                                    # (N, T)
+    m = {"reward_seat0": r[ro.seat == 0].mean().item(), "reward_seat1": r[ro.seat == 1].mean().item(),
+         "reward_trained": r[trained].mean().item(), "welfare": (r[0::2] + r[1::2]).mean().item(),
+         "invalid": ro.invalid[trained].float().mean().item()}
+    if cfg["env"] == "ipd":
+        moves = torch.tensor([[i["moves"][s] == "A" for i in g.info] for g in ro.games for s in (0, 1)])
+        m["coop"] = moves[trained].float().mean().item()
+        m["coop_all"] = moves.float().mean().item()
+    return m
+
+def main(argv):
+    cfg = {k: v for k, v in globals().items() if k in CONFIG_KEYS}
+    cfg = resolve(parse_args(argv, cfg))
+    dev, dt = pick_device_dtype(cfg["device"], cfg["dtype"])
+    cfg["device"], cfg["dtype"] = dev, dt
+    torch.manual_seed(cfg["seed"])
+    ckpt = os.path.join(cfg["out_dir"], "ckpt")
+    start = 0
+    if cfg["resume"]:
+        if not os.path.exists(os.path.join(ckpt, "state.pt")):
+            sys.exit(f"error: --resume but no checkpoint at {ckpt}")
+        model, tok = load_dir(ckpt, dev, torch.float32)
+        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
+        start = state["iter"]
+        for k in ("max_iters", "device", "dtype", "resume"):
+            state["config"][k] = cfg[k]
+        cfg = state["config"]
+    else:
+        try:
+            model, tok = load_model(cfg["model_name"], dev, torch.float32)
+        except (OSError, RuntimeError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        state = None
+    print("config: " + json.dumps(cfg))
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    autocast = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16) if dt == "bfloat16" else nullcontext()
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    snapshots = []
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        snapshots = list(state["snapshots"])
+    live = LMPolicy(model, tok, "live")
+    # the other seat: a fixed strategy, a frozen checkpoint, the AA agent buffer, or (naive/sum) self-play
+    opp, opp_model, ref_model = None, None, None
+    if cfg["opponent"]:
+        if cfg["opponent"] in envs.STRATEGIES[cfg["env"]]:
+            opp = FixedPolicy(cfg["env"], cfg["opponent"])
+        else:
+            try:
+                opp_model, opp_tok = load_model(cfg["opponent"], dev, torch.float32)
+            except (OSError, RuntimeError, ValueError) as e:
+                sys.exit(f"error: --opponent is neither a {cfg['env']} strategy "
+                         f"({', '.join(envs.STRATEGIES[cfg['env']])}) nor a loadable model: {e}")
+            opp = LMPolicy(opp_model.eval(), opp_tok, "frozen")
+    elif cfg["algo"] == "adalign":
+        opp_model = load_dir(ckpt, dev, torch.float32)[0] if state else load_model(cfg["model_name"], dev, torch.float32)[0]
+        opp = LMPolicy(opp_model.eval(), tok, "snapshot")
+    if cfg["kl_coef"] > 0:
+        ref_model = load_model(cfg["model_name"], dev, torch.float32)[0].eval().requires_grad_(False)
+    log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a")
+    G, n = cfg["n_games"], cfg["n_games"]
+    turns = cfg["n_rounds"] * (3 if cfg["env"] == "tas" else 1)
+    for it in range(start, cfg["max_iters"]):
+        t0 = time.time()
+        gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + it)
+        # 1. who plays which seat: trained seat alternates by group; the other is self, a snapshot, or fixed
+        group = torch.arange(G) // cfg["group_size"]
+        trained_seat = group % 2                                        # (G,)
+        if opp is None:                                                 # naive / sum: self-play, both seats train
+            policies, seat_policy = [live], torch.zeros(G, 2, dtype=torch.long)
+            trained = torch.ones(2 * G, dtype=torch.bool)
+        else:
+            use_opp = torch.ones(G, dtype=torch.bool)
+            if cfg["algo"] == "adalign" and not cfg["opponent"]:        # agent buffer
+                if snapshots:
+                    load_snapshot(opp_model, snapshots[int(torch.randint(len(snapshots), (1,), generator=gen))])
+                    use_opp = torch.rand(G, generator=gen) < cfg["buffer_prob"]
+                else:
+                    use_opp = torch.zeros(G, dtype=torch.bool)
+            policies = [live, opp]
+            seat_policy = torch.zeros(G, 2, dtype=torch.long)
+            seat_policy[torch.arange(G), 1 - trained_seat] = use_opp.long()
+            trained = torch.zeros(2 * G, dtype=torch.bool)
+            trained[2 * torch.arange(G) + trained_seat] = True
+        # 2. play
+        model.eval()
+        t_roll = time.time()
+        with autocast, tqdm(total=turns, desc=f"iter {it}", leave=False, dynamic_ncols=True) as bar:
+            ro = rollout(cfg["env"], policies, seat_policy, n, seed=cfg["seed"] * 1_000_003 + it,
+                         group_size=cfg["group_size"], n_rounds=cfg["n_rounds"], temperature=cfg["temperature"],
+                         constrained=cfg["constrained"], max_msg_tokens=cfg["max_msg_tokens"], progress=bar)
+        t_roll = time.time() - t_roll
+        # 3. credits, 4. update
+        credit, A = compute_credits(ro, trained, cfg)
+        model.train()
+        t_upd = time.time()
+        stats = update(model, ref_model, opt, ro, credit, trained, cfg, autocast)
+        t_upd = time.time() - t_upd
+        # 5. agent buffer, log, checkpoint
+        if cfg["algo"] == "adalign" and not cfg["opponent"] and (it + 1) % cfg["buffer_interval"] == 0:
+            snapshots.append(save_snapshot(model, cfg["out_dir"], it + 1))
+            for f in snapshots[:-cfg["buffer_size"]]:
+                if os.path.exists(f):
+                    os.remove(f)
+            snapshots = snapshots[-cfg["buffer_size"]:]
+        dt_it = time.time() - t0
+        m = metrics(ro, trained, cfg)
+        n_tokens = int(ro.length.sum())
+        rec = dict(iter=it, **m, **stats, time=dt_it, rollout_s=t_roll, update_s=t_upd, tokens=n_tokens,
+                   tok_per_s=n_tokens / dt_it)
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        coop = f" coop {m['coop']:.2f}" if "coop" in m else ""
+        print(f"iter {it}: reward/round seat0 {m['reward_seat0']:.2f} seat1 {m['reward_seat1']:.2f} trained "
+              f"{m['reward_trained']:.2f} | welfare {m['welfare']:.2f}{coop} | invalid {m['invalid']:.2f} | "
+              f"loss {stats['loss']:.4f}{' SKIPPED (' + stats['skipped'] + ')' if stats['skipped'] else ''} | "
+              f"{dt_it:.1f}s (rollout {t_roll:.1f}, update {t_upd:.1f}) {n_tokens / dt_it:.0f} tok/s", flush=True)
+        if (it + 1) % cfg["ckpt_interval"] == 0 or it + 1 == cfg["max_iters"]:
+            save_checkpoint(model, tok, opt, it + 1, cfg, snapshots, ckpt)
+    log.close()
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
