@@ -106,8 +106,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.norm_eps)
             self.k_norm = RMSNorm(hd, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv=None):
+    def forward(self, x, cos, sin, mask, kv=None, past=None):
         # x (B, T, C); cos, sin (B, 1, T, hd); mask (B, 1, T, S) bool or None (causal); kv: (k_cache, v_cache, s0)
+        # past: (k, v) of a shared prefix, (1, nkv, P, hd) each, seen by every row. Returns y and this k, v.
         B, T, _ = x.shape
         cfg = self.cfg
         q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)     # (B, nh, T, hd)
@@ -122,9 +123,13 @@ class Attention(nn.Module):
             kc[:, :, s0:s0 + T] = k
             vc[:, :, s0:s0 + T] = v
             k, v = kc[:, :, :s0 + T], vc[:, :, :s0 + T]
+        new_kv = (k, v)
+        if past is not None:
+            k = torch.cat([past[0].expand(B, -1, -1, -1), k], dim=2)
+            v = torch.cat([past[1].expand(B, -1, -1, -1), v], dim=2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=cfg.n_kv_head != cfg.n_head)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), new_kv
 
 class MLP(nn.Module):
     def __init__(self, cfg):
@@ -144,9 +149,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, kv=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, kv=None, past=None):
+        y, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, past)
+        x = x + y
+        return x + self.mlp(self.post_attention_layernorm(x)), new_kv
 
 class KVCache:
     """Preallocated keys/values for a batch of conversations that grow by ragged chunks.
@@ -206,30 +212,50 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
-    def hidden(self, idx, pos=None, mask=None, cache=None):
-        """idx (B, T) -> final normed hidden states (B, T, C). Without a cache: causal over the rows."""
-        B, T = idx.shape
-        if pos is None:
-            pos = torch.arange(T, device=idx.device).expand(B, T)
+    def rope(self, pos, dtype):
         freqs = pos[..., None].float() * self.inv_freq                     # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]                   # (B, 1, T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def hidden(self, idx, pos=None, mask=None, cache=None, prefix_len=0):
+        """idx (B, T) -> final normed hidden states (B, T, C). Without a cache: causal over the rows.
+        prefix_len P > 0: the first P tokens are the same in every row (a shared prompt): they are
+        computed once and every row attends to them (exact, and gradients flow through them once)."""
+        B, T = idx.shape
+        if prefix_len:
+            return self.hidden_shared(idx, prefix_len)
+        if pos is None:
+            pos = torch.arange(T, device=idx.device).expand(B, T)
         x = self.model.embed_tokens(idx)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = self.rope(pos, x.dtype)
         for i, block in enumerate(self.model.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i], cache.len)
-            x = block(x, cos, sin, mask, kv)
+            x = block(x, cos, sin, mask, kv)[0]
         return self.model.norm(x)
+
+    def hidden_shared(self, idx, P):
+        B, T = idx.shape
+        ar = torch.arange(T, device=idx.device)
+        xp, xr = self.model.embed_tokens(idx[:1, :P]), self.model.embed_tokens(idx[:, P:])  # (1, P, C), (B, T-P, C)
+        cos_p, sin_p = self.rope(ar[None, :P], xp.dtype)
+        cos_r, sin_r = self.rope(ar[None, P:], xr.dtype)
+        mask = ar[None, :] <= ar[P:, None]                                 # (T-P, T): prefix + causal
+        for block in self.model.layers:
+            xp, past = block(xp, cos_p, sin_p, None)
+            xr = block(xr, cos_r, sin_r, mask, past=past)[0]
+        return self.model.norm(torch.cat([xp.expand(B, -1, -1), xr], dim=1))
 
     def forward(self, idx):
         """idx (B, T) -> logits (B, T, V), like nanoGPT."""
         return self.lm_head(self.hidden(idx)).float()
 
-    def token_logprobs(self, idx, mask, allowed=None):
+    def token_logprobs(self, idx, mask, allowed=None, prefix_len=0):
         """Training path. idx (B, T) right-padded, mask (B, T) bool marks the N tokens to score (never
         position 0). Returns fp32 log pi(idx[b, t]) and the policy entropy there, both (N,), row-major.
         allowed (N, K) long, -1 padded: renormalize over those tokens (constrained decoding's policy);
-        a row of all -1 means unconstrained. The lm_head runs only at the N predicting positions."""
-        h = self.hidden(idx)[:, :-1][mask[:, 1:]]               # (N, C): position t-1 predicts token t
+        a row of all -1 means unconstrained. The lm_head runs only at the N predicting positions.
+        prefix_len: the rows share their first prefix_len tokens (see hidden)."""
+        h = self.hidden(idx, prefix_len=prefix_len)[:, :-1][mask[:, 1:]]               # (N, C): position t-1 predicts token t
         logp_all = F.log_softmax(self.lm_head(h).float(), dim=-1)  # (N, V)
         tgt = idx[mask]                                          # (N,)
         if allowed is not None:

@@ -270,3 +270,35 @@ def pack(toks, games, seat_policy, group_size, n_rounds):
                    group=game // group_size, seat=torch.arange(N) % 2,
                    policy=torch.tensor([int(seat_policy[g][s]) for g in range(len(games)) for s in (0, 1)]),
                    games=games)
+
+# -----------------------------------------------------------------------------
+# exact action probabilities (the memory-one readout of SPEC 4)
+
+MEMORY_ONE = ("opening", "cc", "cd", "dc", "dd")
+
+@torch.no_grad()
+def memory_one(pol):
+    """An LM policy's exact P(cooperate) in the IPD at the opening and after one round that ended CC, CD,
+    DC, DD (own move first), from the masked probabilities of the two action options. -> dict."""
+    g = envs.make_game("ipd", 0, 2)
+    chat, intro = pol.chat, g.intro
+    shared, first = chat.first(intro, g.observe(0)[len(intro):])
+    root = pol.trie(g.options(0))
+    prefix = follow_forced(root)                        # the tokens before the choice ('<')
+    node = prefix[-1][1] if prefix else root
+    choices = [next(iter(node))] if len(node) == 1 else list(node)
+    a_tok = [t for t in choices if chat.tok.decode([t]) == "A"][0]
+    convs = [shared + first + [t for t, _ in prefix]]
+    for mine, theirs in (("A", "A"), ("A", "B"), ("B", "A"), ("B", "B")):
+        turn = chat.encode(f"<{mine}>") + [chat.eot] + chat.next(f"The other agent played <{theirs}>.")
+        convs.append(shared + first + turn + [t for t, _ in prefix])
+    model = pol.model
+    dev = model.lm_head.weight.device
+    L = max(len(c) for c in convs)
+    idx = torch.zeros(len(convs), L, dtype=torch.long, device=dev)
+    for i, c in enumerate(convs):
+        idx[i, :len(c)] = torch.tensor(c)
+    h = model.hidden(idx)[torch.arange(len(convs)), torch.tensor([len(c) - 1 for c in convs])]
+    logits = model.lm_head(h).float()[:, choices]       # (5, 2): renormalized over the legal options
+    p = torch.softmax(logits, -1)[:, choices.index(a_tok)]
+    return dict(zip(MEMORY_ONE, p.tolist()))

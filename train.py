@@ -33,7 +33,7 @@ from tqdm import tqdm
 import advantage
 import envs
 from model import load_dir, load_model, save_pretrained
-from rollout import FixedPolicy, LMPolicy, rollout
+from rollout import FixedPolicy, LMPolicy, memory_one, rollout
 
 # -----------------------------------------------------------------------------
 # config: every knob, with its default. Override with --key value or --key=value.
@@ -189,17 +189,29 @@ def compute_credits(ro, trained, cfg):
     A_opp = A[torch.arange(A.size(0)) ^ 1]           # rows 2g and 2g+1 are the two seats of game g
     return advantage.credits(cfg["algo"], A, A_opp, cfg["beta"], cfg["gamma"], cfg["jit"]), A
 
+def decision_tokens(ro):
+    """-> decision (N, L) bool: sampled tokens where the sampler had a choice (free text, or more than one
+    legal continuation); allowed (N, L, K): each sampled token's allowed set, -1 padded."""
+    decision = torch.zeros_like(ro.action_mask)
+    decision[ro.action_mask] = (ro.allowed >= 0).sum(1) != 1
+    allowed = torch.full((*ro.ids.shape, ro.allowed.size(1)), -1, dtype=torch.long)
+    allowed[ro.action_mask] = ro.allowed
+    return decision, allowed
+
+def shared_prefix(ids, mask):
+    """Length of the token prefix all rows share (the system prompt and game intro) before any scored token."""
+    if ids.size(0) < 2:
+        return 0
+    differ = (ids != ids[:1]).any(0) | mask.any(0)                   # (L,)
+    return int(differ.nonzero()[0]) if differ.any() else 0
+
 def update(model, ref_model, opt, ro, credit, trained, cfg, autocast):
     """One optimizer step of L = -(1/N) sum C log pi - ent * H + kl * k3, over decision tokens of the
     trained rows, in micro-batches. Returns stats; skips the step if the loss or grads are not finite
     or if there is no signal (all credits 0: Adam's momentum alone would still move the weights)."""
     tok_credit = token_credits(ro, credit)                              # (N, L)
-    n_allowed = (ro.allowed >= 0).sum(1)                                # (n_sampled,)
-    decision = torch.zeros_like(ro.action_mask)
-    decision[ro.action_mask] = n_allowed != 1                           # free tokens (0) or a real choice (>1)
+    decision, allowed_all = decision_tokens(ro)
     decision &= trained[:, None]
-    allowed_all = torch.full((*ro.ids.shape, ro.allowed.size(1)), -1, dtype=torch.long)
-    allowed_all[ro.action_mask] = ro.allowed                            # (N, L, K)
     n_tok = int(decision.sum())
     stats = dict(loss=0.0, entropy=0.0, kl=0.0, n_tok=n_tok, skipped="")
     if n_tok == 0 or not tok_credit[decision].abs().gt(0).any() and cfg["entropy_coef"] == 0:
@@ -215,13 +227,14 @@ def update(model, ref_model, opt, ro, credit, trained, cfg, autocast):
         if not mask.any():
             continue
         allowed = allowed_all[mb, :L][decision[mb, :L]].to(dev)
+        P = shared_prefix(ids, mask)
         with autocast:
-            logp, ent = model.token_logprobs(ids, mask, allowed)
+            logp, ent = model.token_logprobs(ids, mask, allowed, P)
         c = tok_credit[mb, :L][decision[mb, :L]].to(dev)
         loss = -(c * logp).sum() - cfg["entropy_coef"] * ent.sum()
         if ref_model is not None and cfg["kl_coef"] > 0:
             with torch.no_grad(), autocast:
-                ref_logp, _ = ref_model.token_logprobs(ids, mask, allowed)
+                ref_logp, _ = ref_model.token_logprobs(ids, mask, allowed, P)
             diff = ref_logp - logp
             k3 = diff.exp() - diff - 1                                # k3 estimator of KL(pi || pi_ref)
             loss = loss + cfg["kl_coef"] * k3.sum()
@@ -280,6 +293,8 @@ def metrics(ro, trained, cfg):
     m = {"reward_seat0": r[ro.seat == 0].mean().item(), "reward_seat1": r[ro.seat == 1].mean().item(),
          "reward_trained": r[trained].mean().item(), "welfare": (r[0::2] + r[1::2]).mean().item(),
          "invalid": ro.invalid[trained].float().mean().item()}
+    if not trained.all():
+        m["reward_opponent"] = r[~trained].mean().item()
     if cfg["env"] == "ipd":
         moves = torch.tensor([[i["moves"][s] == "A" for i in g.info] for g in ro.games for s in (0, 1)])
         m["coop"] = moves[trained].float().mean().item()
@@ -311,7 +326,8 @@ def main(argv):
         state = None
     print("config: " + json.dumps(cfg))
     os.makedirs(cfg["out_dir"], exist_ok=True)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
     autocast = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16) if dt == "bfloat16" else nullcontext()
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -388,6 +404,10 @@ def main(argv):
         n_tokens = int(ro.length.sum())
         rec = dict(iter=it, **m, **stats, time=dt_it, rollout_s=t_roll, update_s=t_upd, tokens=n_tokens,
                    tok_per_s=n_tokens / dt_it)
+        save_now = (it + 1) % cfg["ckpt_interval"] == 0 or it + 1 == cfg["max_iters"]
+        if save_now and cfg["env"] == "ipd":
+            model.eval()
+            rec["memory_one"] = memory_one(live)                        # P(C) at opening, CC, CD, DC, DD
         log.write(json.dumps(rec) + "\n")
         log.flush()
         coop = f" coop {m['coop']:.2f}" if "coop" in m else ""
@@ -395,7 +415,7 @@ def main(argv):
               f"{m['reward_trained']:.2f} | welfare {m['welfare']:.2f}{coop} | invalid {m['invalid']:.2f} | "
               f"loss {stats['loss']:.4f}{' SKIPPED (' + stats['skipped'] + ')' if stats['skipped'] else ''} | "
               f"{dt_it:.1f}s (rollout {t_roll:.1f}, update {t_upd:.1f}) {n_tokens / dt_it:.0f} tok/s", flush=True)
-        if (it + 1) % cfg["ckpt_interval"] == 0 or it + 1 == cfg["max_iters"]:
+        if save_now:
             save_checkpoint(model, tok, opt, it + 1, cfg, snapshots, ckpt)
     log.close()
 

@@ -1,0 +1,336 @@
+"""
+eval.py: face-offs, the memory-one readout, exploitability, transcripts and plots.
+
+    python eval.py --env ipd --a tit_for_tat --b defector                  # two fixed strategies
+    python eval.py --env ipd --a out/ckpt --b smollm2-135m --n_games 64    # trained vs base model
+    python eval.py --env ipd --matrix out/ckpt,tit_for_tat,defector,cooperator
+    python eval.py --env ipd --a out/ckpt --memory_one                     # P(C) at opening, after CC/CD/DC/DD
+    python eval.py --env ipd --exploit out/ckpt --iters 10                 # a naive learner vs the frozen policy
+    python eval.py --env tas --a out/ckpt --b honest --transcript 2        # readable games (Markdown)
+    python eval.py --plot out                                              # learning curves as PNG
+    python eval.py --env ipd --a out/ckpt --b api:http://127.0.0.1:8000/v1:MODEL   # any OpenAI-style endpoint
+    python eval.py --env ipd --a out/ckpt --b human                        # you, at the terminal
+
+A POLICY is a fixed strategy from envs.py, `human`, `api:URL:MODEL` (key from $OPENAI_API_KEY), a checkpoint
+directory, or a model name for model.load_model. Add --json to print the figures as one JSON line last.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import torch
+
+import envs
+from model import load_model
+from rollout import MEMORY_ONE, FixedPolicy, LMPolicy, memory_one, rollout
+
+CLASSIC = {"TFT": (1, 1, 0, 1, 0), "WSLS": (1, 1, 0, 0, 1), "Grudger": (1, 1, 0, 0, 0), "ALLC": (1, 1, 1, 1, 1),
+           "ALLD": (0, 0, 0, 0, 0), "GTFT": (1, 1, 1 / 3, 1, 1 / 3)}  # (opening, CC, CD, DC, DD)
+
+# -----------------------------------------------------------------------------
+# text policies beyond the paper: an OpenAI-compatible endpoint, a person
+
+class ApiPolicy:
+    """A chat model behind an OpenAI-compatible /chat/completions endpoint. Replies that fail (timeout,
+    HTTP error, malformed JSON) after the retries count as empty, i.e. invalid moves, and are tallied."""
+    def __init__(self, url, model, timeout=30.0, retries=2):
+        self.url, self.model_id, self.timeout, self.retries = url.rstrip("/"), model, timeout, retries
+        self.name = f"api:{model}"
+        self.key = os.environ.get("OPENAI_API_KEY", "")
+        self.history, self.failures = {}, 0
+
+    def reply(self, game, p, text, rng):
+        msgs = self.history.setdefault((id(game), p), [{"role": "system", "content": "You are a player in a game."}])
+        msgs.append({"role": "user", "content": text})
+        body = json.dumps({"model": self.model_id, "messages": msgs, "temperature": 1.0, "max_tokens": 200}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.key:
+            headers["Authorization"] = "Bearer " + self.key
+        answer = None
+        for attempt in range(self.retries + 1):
+            try:
+                req = urllib.request.Request(self.url + "/chat/completions", data=body, headers=headers)
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    answer = json.loads(r.read())["choices"][0]["message"]["content"]
+                if isinstance(answer, str):
+                    break
+                answer = None
+            except (OSError, ValueError, KeyError, IndexError, TypeError, urllib.error.URLError) as e:
+                err = type(e).__name__           # never the request: it carries the key
+            time.sleep(0.2 * (attempt + 1) if attempt < self.retries else 0)
+        if answer is None:
+            self.failures += 1
+            answer = ""
+        msgs.append({"role": "assistant", "content": answer})
+        return answer
+
+class HumanPolicy:
+    name = "human"
+
+    def reply(self, game, p, text, rng):
+        print(f"\n[game {id(game) % 1000}, you are player {p}] {text}")
+        try:
+            return input("> ")
+        except EOFError:
+            return ""
+
+def make_policy(spec, env, device="cpu", cache=None):
+    """A POLICY string -> a policy object (LM policies loaded once per spec via cache)."""
+    cache = {} if cache is None else cache
+    if spec in cache:
+        return cache[spec]
+    if spec in envs.STRATEGIES[env]:
+        pol = FixedPolicy(env, spec)
+    elif spec == "human":
+        pol = HumanPolicy()
+    elif spec.startswith("api:"):
+        url, _, model_id = spec[4:].rpartition(":")
+        if not url.startswith("http"):
+            raise ValueError(f"bad api policy {spec!r}: use api:http://HOST:PORT/v1:MODEL")
+        pol = ApiPolicy(url, model_id)
+    else:
+        try:
+            model, tok = load_model(spec, device, torch.float32)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ValueError(f"{spec!r} is not a {env} strategy ({', '.join(envs.STRATEGIES[env])}), 'human', "
+                             f"'api:URL:MODEL', nor a loadable model: {e}") from None
+        pol = LMPolicy(model, tok, os.path.basename(spec.rstrip("/")) or spec)
+    cache[spec] = pol
+    return pol
+
+# -----------------------------------------------------------------------------
+# face-offs
+
+def faceoff(env, pa, pb, n_games, seed=0, n_rounds=10, group_size=1, temperature=1.0, max_msg_tokens=48):
+    """n_games of pa vs pb, half with pa in seat 0, half in seat 1. -> (figures dict, Rollout, a_is_seat0)."""
+    policies = [pa] if pa is pb else [pa, pb]
+    b = 0 if pa is pb else 1
+    a_seat0 = torch.arange(n_games) % 2 == 0 if n_games > 1 else torch.ones(1, dtype=torch.bool)
+    if group_size > 1:       # keep groups on one seat order so that both orders see the same env draws
+        a_seat0 = (torch.arange(n_games) // group_size) % 2 == 0
+    seat_policy = torch.stack([torch.where(a_seat0, 0, b), torch.where(a_seat0, b, 0)], 1)
+    with torch.no_grad():
+        ro = rollout(env, policies, seat_policy, n_games, seed=seed, group_size=group_size, n_rounds=n_rounds,
+                     temperature=temperature, max_msg_tokens=max_msg_tokens)
+    a_row = 2 * torch.arange(n_games) + (~a_seat0).long()
+    b_row = a_row ^ 1
+    per_game = lambda x: x.float().mean(1)                     # (G,) mean over rounds
+    ra, rb = per_game(ro.rewards[a_row]), per_game(ro.rewards[b_row])
+    out = {"reward_a": ra.mean().item(), "reward_b": rb.mean().item(), "welfare": (ra + rb).mean().item(),
+           "se_a": se(ra), "se_b": se(rb), "se_welfare": se(ra + rb),
+           "invalid_a": ro.invalid[a_row].float().mean().item(), "invalid_b": ro.invalid[b_row].float().mean().item(),
+           "n_games": n_games}
+    if env == "ipd":
+        coop = torch.tensor([[i["moves"][s] == "A" for i in g.info] for g in ro.games for s in (0, 1)]).float()
+        out.update(coop_a=coop[a_row].mean().item(), coop_b=coop[b_row].mean().item())
+    for who, pol in (("a", pa), ("b", pb)):
+        if isinstance(pol, ApiPolicy):
+            out[f"api_failures_{who}"] = pol.failures
+    return out, ro, a_seat0
+
+def se(x):
+    return (x.std().item() / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+def faceoff_table(env, names, fig):
+    rows = ["| player | reward/round | invalid rate |" + (" cooperation |" if env == "ipd" else ""),
+            "|---|---|---|" + ("---|" if env == "ipd" else "")]
+    for who, name in zip("ab", names):
+        coop = f" {fig['coop_' + who]:.2f} |" if env == "ipd" else ""
+        rows.append(f"| {who}: {name} | {fig['reward_' + who]:.3f} ± {fig['se_' + who]:.3f} | "
+                    f"{fig['invalid_' + who]:.3f} |{coop}")
+    rows.append(f"\ncollective welfare (sum per round): {fig['welfare']:.3f} ± {fig['se_welfare']:.3f} "
+                f"over {fig['n_games']} games (both seat orders)")
+    return "\n".join(rows)
+
+def transcript(env, names, ro, a_seat0, k, path):
+    """Write k games as Markdown: each round's messages, moves and rewards."""
+    lines = [f"# {env}: {names[0]} (a) vs {names[1]} (b)\n"]
+    for gi, g in enumerate(ro.games[:k]):
+        seat_name = [names[0], names[1]] if a_seat0[gi] else [names[1], names[0]]
+        lines.append(f"## Game {gi}: seat 0 = {seat_name[0]}, seat 1 = {seat_name[1]}\n")
+        for t, info in enumerate(g.info):
+            lines.append(f"**Round {t}**")
+            if env == "tas":
+                st = info["starter"]
+                lines.append(f"- hands: {info['hands'][0]} / {info['hands'][1]}")
+                for s in (st, 1 - st):
+                    lines.append(f"- seat {s} says: {info['messages'][s]!r}")
+                lines.append(f"- claims: {info['claims'][0]} / {info['claims'][1]} coins")
+            elif env == "split":
+                lines.append(f"- values: {info['values'][0]} / {info['values'][1]}; claims: {info['claims'][0]} / {info['claims'][1]}")
+            else:
+                lines.append(f"- moves: <{info['moves'][0]}> / <{info['moves'][1]}>")
+            inv = "".join(f" (seat {s} invalid)" for s in (0, 1) if g.invalid[t][s])
+            lines.append(f"- rewards: {g.rewards[t][0]:g} / {g.rewards[t][1]:g}{inv}\n")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+# -----------------------------------------------------------------------------
+# memory-one readout
+
+def fixed_memory_one(name, n=2000):
+    """P(C) of a fixed IPD strategy at the opening and after CC, CD, DC, DD (estimated if it is random)."""
+    import random
+    rng, fn = random.Random(0), envs.STRATEGIES["ipd"][name]
+    out = {}
+    for key, hist in zip(MEMORY_ONE, [None, ("A", "A"), ("A", "B"), ("B", "A"), ("B", "B")]):
+        g = envs.make_game("ipd", 0, 3)
+        if hist:
+            g.act(0, f"<{hist[0]}>"); g.act(1, f"<{hist[1]}>")
+        out[key] = sum(envs.IPD.parse(fn(g, 0, rng)) == "A" for _ in range(n)) / n
+    return out
+
+def nearest_classic(v):
+    vec = [v[k] for k in MEMORY_ONE]
+    d = {name: math.dist(vec, ref) for name, ref in CLASSIC.items()}
+    best = min(d, key=d.get)
+    return best, d[best]
+
+def policy_memory_one(pol):
+    return fixed_memory_one(pol.name) if isinstance(pol, FixedPolicy) else memory_one(pol)
+
+# -----------------------------------------------------------------------------
+# exploitability and plots
+
+def exploit(env, frozen, iters, out_dir, extra):
+    """Train a fresh naive learner from the base model against the frozen POLICY with train.py's loop."""
+    import train
+    argv = ["--env", env, "--algo", "naive", "--opponent", frozen, "--max_iters", str(iters),
+            "--out_dir", out_dir, "--ckpt_interval", str(max(iters, 1))] + extra
+    if os.path.exists(os.path.join(out_dir, "log.jsonl")):
+        os.remove(os.path.join(out_dir, "log.jsonl"))
+    train.main(argv)
+    return [json.loads(l) for l in open(os.path.join(out_dir, "log.jsonl"))]
+
+def plot_run(run_dir, path=None):
+    """Learning curves from run_dir/log.jsonl (and memory-one vectors logged at checkpoints) -> PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("error: --plot needs matplotlib (pip install matplotlib); nothing else in eval.py does")
+    f = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(f):
+        sys.exit(f"error: no log.jsonl in {run_dir}")
+    log = [json.loads(l) for l in open(f)]
+    keys = [k for k in ("reward_trained", "reward_seat0", "reward_seat1", "welfare", "coop", "invalid",
+                        "reward_opponent") if k in log[0]]
+    mem = [r for r in log if "memory_one" in r]
+    fig, axes = plt.subplots(1, 3 if mem else 2, figsize=(15 if mem else 10, 4))
+    it = [r["iter"] for r in log]
+    for k in keys:
+        if k in ("coop", "invalid"):
+            axes[1].plot(it, [r[k] for r in log], label=k)
+        else:
+            axes[0].plot(it, [r[k] for r in log], label=k)
+    axes[0].set_title("reward per round"); axes[1].set_title("rates"); axes[1].set_ylim(-0.05, 1.05)
+    if mem:
+        for k in MEMORY_ONE:
+            axes[2].plot([r["iter"] for r in mem], [r["memory_one"][k] for r in mem], marker="o", label=f"P(C|{k})")
+        axes[2].set_title("memory-one P(cooperate)"); axes[2].set_ylim(-0.05, 1.05)
+    for ax in axes:
+        ax.set_xlabel("iteration"); ax.legend(fontsize=7)
+    fig.suptitle(run_dir)
+    fig.tight_layout()
+    path = path or os.path.join(run_dir, "curves.png")
+    fig.savefig(path, dpi=90)
+    return path
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--env", default="ipd", choices=envs.GAMES)
+    ap.add_argument("--a", help="POLICY in seat a")
+    ap.add_argument("--b", help="POLICY in seat b (default: same as a, self-play)")
+    ap.add_argument("--n_games", type=int, default=32)
+    ap.add_argument("--n_rounds", type=int, default=10)
+    ap.add_argument("--group_size", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--max_msg_tokens", type=int, default=48)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--matrix", help="P1,P2,...: face-off matrix of every ordered pair")
+    ap.add_argument("--memory_one", action="store_true", help="ipd: exact P(C) of --a at opening, CC, CD, DC, DD")
+    ap.add_argument("--exploit", metavar="POLICY", help="train a naive learner against this frozen POLICY")
+    ap.add_argument("--iters", type=int, default=10, help="--exploit: training iterations")
+    ap.add_argument("--exploit_args", default="", help="--exploit: extra train.py args, e.g. '--lr 1e-4 --n_games 8'")
+    ap.add_argument("--out_dir", default="out_exploit", help="--exploit: where the learner's run goes")
+    ap.add_argument("--transcript", type=int, default=0, metavar="K", help="write K games to --transcript_file")
+    ap.add_argument("--transcript_file", default="transcript.md")
+    ap.add_argument("--plot", metavar="RUN_DIR", help="learning curves of a train.py run as PNG")
+    ap.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.n_games < 1 or args.n_rounds < 1 or args.group_size < 1 or args.n_games % args.group_size:
+        ap.error("need n_games >= 1, n_rounds >= 1 and n_games a multiple of group_size")
+    cache = {}
+    try:
+        if args.plot:
+            path = plot_run(args.plot)
+            print(f"wrote {path}")
+            if args.json:
+                print(json.dumps({"plot": path}))
+        elif args.memory_one:
+            if args.env != "ipd" or not args.a:
+                ap.error("--memory_one needs --env ipd and --a POLICY")
+            v = policy_memory_one(make_policy(args.a, "ipd", args.device, cache))
+            name, dist = nearest_classic(v)
+            print("| opening | after CC | after CD | after DC | after DD |\n|---|---|---|---|---|\n| " +
+                  " | ".join(f"{v[k]:.3f}" for k in MEMORY_ONE) + " |")
+            print(f"nearest classic strategy: {name} (distance {dist:.3f})")
+            if args.json:
+                print(json.dumps({**v, "nearest": name, "distance": dist}))
+        elif args.exploit:
+            extra = args.exploit_args.split() + ["--n_rounds", str(args.n_rounds), "--device", args.device]
+            log = exploit(args.env, args.exploit, args.iters, args.out_dir, extra)
+            print("| iteration | learner reward/round | frozen policy reward/round |\n|---|---|---|")
+            for r in log:
+                print(f"| {r['iter']} | {r['reward_trained']:.3f} | {r['reward_opponent']:.3f} |")
+            print(f"log: {args.out_dir}/log.jsonl; plot: {plot_run(args.out_dir) if _has_mpl() else 'matplotlib missing'}")
+            if args.json:
+                print(json.dumps({"learner": [r["reward_trained"] for r in log],
+                                  "frozen": [r["reward_opponent"] for r in log]}))
+        elif args.matrix:
+            names = [s for s in args.matrix.split(",") if s]
+            pols = [make_policy(s, args.env, args.device, cache) for s in names]
+            M = [[faceoff(args.env, pa, pb, args.n_games, args.seed, args.n_rounds, args.group_size,
+                          args.temperature, args.max_msg_tokens)[0]["reward_a"] for pb in pols] for pa in pols]
+            print("| row vs column | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+            for name, row in zip(names, M):
+                print(f"| {name} | " + " | ".join(f"{x:.2f}" for x in row) + " |")
+            print("(cell: mean reward per round of the row player, averaged over both seats)")
+            if args.json:
+                print(json.dumps({"names": names, "matrix": M}))
+        else:
+            if not args.a:
+                ap.error("give --a POLICY (and --b POLICY), or one of --matrix, --memory_one, --exploit, --plot")
+            pa = make_policy(args.a, args.env, args.device, cache)
+            pb = make_policy(args.b or args.a, args.env, args.device, cache)
+            fig, ro, a_seat0 = faceoff(args.env, pa, pb, args.n_games, args.seed, args.n_rounds, args.group_size,
+                                       args.temperature, args.max_msg_tokens)
+            print(faceoff_table(args.env, [args.a, args.b or args.a], fig))
+            if args.transcript:
+                transcript(args.env, [args.a, args.b or args.a], ro, a_seat0, args.transcript, args.transcript_file)
+                print(f"wrote {min(args.transcript, args.n_games)} games to {args.transcript_file}")
+            if args.json:
+                print(json.dumps(fig))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+def _has_mpl():
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+if __name__ == "__main__":
+    main()
