@@ -597,3 +597,16 @@ def test_shared_prefix_training_path_is_exact(smol):
     model.zero_grad()
     assert torch.allclose(out[0][0], out[1][0], atol=1e-4)
     assert torch.allclose(out[0][1], out[1][1], atol=1e-4 * out[0][1].abs().max().item())
+
+def test_non_finite_loss_skips_the_step(tiny_dir):
+    """A NaN credit skips the optimizer step and leaves every weight untouched; all-zero credit too."""
+    ro, _ = play(tiny_dir, "ipd", n_games=2, group_size=1)
+    model, _ = M.load_dir(tiny_dir, "cpu", torch.float32)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = dict(entropy_coef=0.0, kl_coef=0.0, micro_batch=4, grad_clip=1.0)
+    trained = torch.ones(4, dtype=torch.bool)
+    s1 = TR.update(model, None, opt, ro, torch.full((4, 3), float("nan")), trained, cfg, nullcontext())
+    s2 = TR.update(model, None, opt, ro, torch.zeros(4, 3), trained, cfg, nullcontext())
+    assert s1["skipped"] and s2["skipped"] == "no signal"
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -70,7 +70,7 @@ grad_clip = 1.0           # max gradient norm
 micro_batch = 8           # trajectories per forward/backward (memory)
 device = "auto"           # auto | cpu | cuda | cuda:1 ...
 dtype = "auto"            # auto | float32 | bfloat16: autocast dtype of forward passes (weights stay fp32)
-preset = ""               # "paper": the released hyperparameters (128/64 games, lr 3e-6, a 7B-class model)
+preset = ""               # "paper": the released hyperparameters (128/64 games, lr 3e-6) on Qwen2.5-1.5B (a GPU)
 # -----------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
 
@@ -79,7 +79,7 @@ ENV_DEFAULTS = {  # SPEC 3: beta, gamma, reward scale, group size, KL
     "split": dict(beta=1.0, gamma=0.9, reward_scale=1 / 100, group_size=8, kl_coef=0.001),
     "tas": dict(beta=2.0, gamma=0.96, reward_scale=1 / 100, group_size=8, kl_coef=0.001),
 }
-PRESETS = {"paper": dict(lr=3e-6, max_iters=1000, model_name="Qwen/Qwen2.5-7B-Instruct", max_msg_tokens=128,
+PRESETS = {"paper": dict(lr=3e-6, max_iters=1000, model_name="Qwen/Qwen2.5-1.5B-Instruct", max_msg_tokens=128,
                          n_games={"ipd": 128, "split": 64, "tas": 64})}
 
 def config_help():
