@@ -25,16 +25,21 @@ import train
 from model import embedded_dir, load_model
 from rollout import LMPolicy, rollout
 
-def matmul_peak(dtype, n=1024, reps=3):
-    """GFLOP/s of a large square matmul through F.linear, the path the model takes (median of reps)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.nn.functional.linear(a, b)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.nn.functional.linear(a, b)
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+def matmul_peak(dtype, reps=5):
+    """Best GFLOP/s of F.linear (the path the model takes) over a square shape and the model's own MLP
+    shapes, median of reps each."""
+    best = 0.0
+    for m, k, n in ((1024, 1024, 1024), (512, 576, 1536), (2048, 576, 1536)):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+        for _ in range(2):
+            torch.nn.functional.linear(a, b)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.nn.functional.linear(a, b)
+            times.append(time.perf_counter() - t0)
+        best = max(best, 2 * m * k * n / statistics.median(times) / 1e9)
+    return best
 
 def fwd_flops(model, n_tokens, n_logits):
     """Forward FLOPs: 2 per weight per token (embedding lookup excluded) + the lm_head where it runs."""
@@ -134,8 +139,12 @@ def main():
     hf_upd_s = statistics.median([hf_update_baseline(hf, hf_opt, ro, credit, trained, cfg["micro_batch"])
                                   for _ in range(args.repeats)])
     # --- report
-    roll_flops = fwd_flops(model, n_conv, n_sampled)                # the useful work: each token once
-    train_flops = 3 * fwd_flops(model, n_train_tok, n_dec)          # forward + backward ~ 3x forward
+    # the useful work: each distinct token once (the shared prompt prefix once per batch), the lm_head
+    # where a token is sampled (rollout) or scored (update); forward + backward ~ 3x forward
+    P = len(pol.chat.first(ro.games[0].intro, "")[0])
+    n_mb = -(-int(trained.sum()) // cfg["micro_batch"])
+    roll_flops = fwd_flops(model, n_conv - (2 * G - 1) * P, n_sampled)
+    train_flops = 3 * fwd_flops(model, n_train_tok - (int(trained.sum()) - n_mb) * P, n_dec)
     res = dict(rollout_s=roll_s, rollout_tok_s=n_conv / roll_s, hf_generate_s=hf_roll_s,
                hf_generate_tok_s=n_conv / hf_roll_s, rollout_ratio=hf_roll_s / roll_s,
                train_s=upd_s, train_tok_s=n_train_tok / upd_s, hf_train_s=hf_upd_s, hf_train_tok_s=n_train_tok / hf_upd_s,
