@@ -69,17 +69,15 @@ def hf_rollout_baseline(hf, ro, eot):
                     do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=eot)
     return time.perf_counter() - t0
 
-def hf_update_baseline(hf, opt, ro, credit, trained, micro_batch):
+def hf_update_baseline(hf, opt, ro, credit, trained, micro_tokens):
     """The same token-level loss with transformers' forward+backward, plus the same Adam step."""
     tok_credit = train.token_credits(ro, credit)
     decision, allowed_all = train.decision_tokens(ro)
     decision &= trained[:, None]
     n_tok = int(decision.sum())
-    rows = trained.nonzero().flatten().tolist()
     t0 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    for i in range(0, len(rows), micro_batch):
-        mb = rows[i:i + micro_batch]
+    for mb in train.micro_batches(trained.nonzero().flatten().tolist(), ro.length, micro_tokens):
         L = int(ro.length[mb].max())
         ids, mask = ro.ids[mb, :L], decision[mb, :L]
         att = (torch.arange(L)[None] < ro.length[mb][:, None]).long()
@@ -136,13 +134,13 @@ def main():
     hf_roll_s = hf_rollout_baseline(hf, ro, pol.chat.eot)
     hf.train()
     hf_opt = torch.optim.Adam(hf.parameters(), lr=1e-5)
-    hf_upd_s = statistics.median([hf_update_baseline(hf, hf_opt, ro, credit, trained, cfg["micro_batch"])
+    hf_upd_s = statistics.median([hf_update_baseline(hf, hf_opt, ro, credit, trained, cfg["micro_tokens"])
                                   for _ in range(args.repeats)])
     # --- report
     # the useful work: each distinct token once (the shared prompt prefix once per batch), the lm_head
     # where a token is sampled (rollout) or scored (update); forward + backward ~ 3x forward
     P = len(pol.chat.first(ro.games[0].intro, "")[0])
-    n_mb = -(-int(trained.sum()) // cfg["micro_batch"])
+    n_mb = len(train.micro_batches(trained.nonzero().flatten().tolist(), ro.length, cfg["micro_tokens"]))
     roll_flops = fwd_flops(model, n_conv - (2 * G - 1) * P, n_sampled)
     train_flops = 3 * fwd_flops(model, n_train_tok - (int(trained.sum()) - n_mb) * P, n_dec)
     res = dict(rollout_s=roll_s, rollout_tok_s=n_conv / roll_s, hf_generate_s=hf_roll_s,

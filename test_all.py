@@ -458,7 +458,7 @@ def test_update_direction(tiny_dir):
         ro, tok = play(tiny_dir, "split", n_games=2, group_size=1)
         model, _ = M.load_dir(tiny_dir, "cpu", torch.float32)
         trained = torch.ones(4, dtype=torch.bool)
-        cfg = dict(entropy_coef=0.0, kl_coef=0.0, micro_batch=2, grad_clip=1.0)
+        cfg = dict(entropy_coef=0.0, kl_coef=0.0, micro_tokens=500, grad_clip=1.0)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         mask, allowed = TR.decision_tokens(ro)
         before = model.token_logprobs(ro.ids, mask, allowed[mask])[0].detach()
@@ -604,7 +604,7 @@ def test_non_finite_loss_skips_the_step(tiny_dir):
     model, _ = M.load_dir(tiny_dir, "cpu", torch.float32)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     before = [p.detach().clone() for p in model.parameters()]
-    cfg = dict(entropy_coef=0.0, kl_coef=0.0, micro_batch=4, grad_clip=1.0)
+    cfg = dict(entropy_coef=0.0, kl_coef=0.0, micro_tokens=500, grad_clip=1.0)
     trained = torch.ones(4, dtype=torch.bool)
     s1 = TR.update(model, None, opt, ro, torch.full((4, 3), float("nan")), trained, cfg, nullcontext())
     s2 = TR.update(model, None, opt, ro, torch.zeros(4, 3), trained, cfg, nullcontext())

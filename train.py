@@ -67,7 +67,7 @@ buffer_prob = 0.5         # AA: probability that a game's opponent is a past sna
 lr = 1e-5                 # Adam learning rate (full fine-tuning)
 weight_decay = 0.0
 grad_clip = 1.0           # max gradient norm
-micro_batch = 8           # trajectories per forward/backward (memory)
+micro_tokens = 2560       # tokens per forward/backward (memory: ~1.5 GB per 1000 tokens of SmolLM2 in fp32)
 device = "auto"           # auto | cpu | cuda | cuda:1 ...
 dtype = "auto"            # auto | float32 | bfloat16: autocast dtype of forward passes (weights stay fp32)
 preset = ""               # "paper": the released hyperparameters (128/64 games, lr 3e-6) on Qwen2.5-1.5B (a GPU)
@@ -143,7 +143,7 @@ def resolve(cfg):
         cfg["group_size"] = d["group_size"]
     if cfg["entropy_coef"] < 0:
         cfg["entropy_coef"] = 0.01 if cfg["env"] == "ipd" and cfg["algo"] == "adalign" else 0.0
-    for k in ("n_games", "n_rounds", "max_iters", "micro_batch", "ckpt_interval", "buffer_interval", "buffer_size"):
+    for k in ("n_games", "n_rounds", "max_iters", "micro_tokens", "ckpt_interval", "buffer_interval", "buffer_size"):
         if cfg[k] < 1:
             sys.exit(f"error: --{k} must be at least 1, got {cfg[k]}")
     if cfg["n_games"] % cfg["group_size"]:
@@ -205,6 +205,16 @@ def shared_prefix(ids, mask):
     differ = (ids != ids[:1]).any(0) | mask.any(0)                   # (L,)
     return int(differ.nonzero()[0]) if differ.any() else 0
 
+def micro_batches(rows, length, max_tokens):
+    """Split rows into consecutive micro-batches of at most max_tokens padded tokens (at least one row)."""
+    out, cur = [], []
+    for r in rows:
+        if cur and (len(cur) + 1) * max(int(length[i]) for i in cur + [r]) > max_tokens:
+            out.append(cur)
+            cur = []
+        cur.append(r)
+    return out + [cur] if cur else out
+
 def update(model, ref_model, opt, ro, credit, trained, cfg, autocast):
     """One optimizer step of L = -(1/N) sum C log pi - ent * H + kl * k3, over decision tokens of the
     trained rows, in micro-batches. Returns stats; skips the step if the loss or grads are not finite
@@ -218,10 +228,8 @@ def update(model, ref_model, opt, ro, credit, trained, cfg, autocast):
         stats["skipped"] = "no signal"
         return stats
     dev = next(model.parameters()).device
-    rows = trained.nonzero().flatten().tolist()
     opt.zero_grad(set_to_none=True)
-    for i in range(0, len(rows), cfg["micro_batch"]):
-        mb = rows[i:i + cfg["micro_batch"]]
+    for mb in micro_batches(trained.nonzero().flatten().tolist(), ro.length, cfg["micro_tokens"]):
         L = int(ro.length[mb].max())
         ids, mask = ro.ids[mb, :L].to(dev), decision[mb, :L].to(dev)
         if not mask.any():
