@@ -60,8 +60,8 @@ class ApiPolicy:
                 if isinstance(answer, str):
                     break
                 answer = None
-            except (OSError, ValueError, KeyError, IndexError, TypeError, urllib.error.URLError) as e:
-                err = type(e).__name__           # never the request: it carries the key
+            except (OSError, ValueError, KeyError, IndexError, TypeError, urllib.error.URLError):
+                pass                             # counted below; nothing printed: the request carries the key
             time.sleep(0.2 * (attempt + 1) if attempt < self.retries else 0)
         if answer is None:
             self.failures += 1

@@ -362,7 +362,7 @@ def main(argv):
     if cfg["kl_coef"] > 0:
         ref_model = load_model(cfg["model_name"], dev, torch.float32)[0].eval().requires_grad_(False)
     log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a")
-    G, n = cfg["n_games"], cfg["n_games"]
+    G = cfg["n_games"]
     turns = cfg["n_rounds"] * (3 if cfg["env"] == "tas" else 1)
     for it in range(start, cfg["max_iters"]):
         t0 = time.time()
@@ -390,7 +390,7 @@ def main(argv):
         model.eval()
         t_roll = time.time()
         with autocast, tqdm(total=turns, desc=f"iter {it}", leave=False, dynamic_ncols=True) as bar:
-            ro = rollout(cfg["env"], policies, seat_policy, n, seed=cfg["seed"] * 1_000_003 + it,
+            ro = rollout(cfg["env"], policies, seat_policy, G, seed=cfg["seed"] * 1_000_003 + it,
                          group_size=cfg["group_size"], n_rounds=cfg["n_rounds"], temperature=cfg["temperature"],
                          constrained=cfg["constrained"], max_msg_tokens=cfg["max_msg_tokens"], progress=bar)
         t_roll = time.time() - t_roll
