@@ -22,7 +22,7 @@ import torch
 
 import advantage
 import train
-from model import embedded_dir, load_model
+from model import embedded_dir, load_model, masked_log_softmax
 from rollout import LMPolicy, rollout
 
 def matmul_peak(dtype, reps=5):
@@ -82,11 +82,7 @@ def hf_update_baseline(hf, opt, ro, credit, trained, micro_tokens):
         ids, mask = ro.ids[mb, :L], decision[mb, :L]
         att = (torch.arange(L)[None] < ro.length[mb][:, None]).long()
         h = hf.model(input_ids=ids, attention_mask=att).last_hidden_state[:, :-1][mask[:, 1:]]
-        logp_all = torch.log_softmax(hf.lm_head(h).float(), -1)
-        allowed = allowed_all[mb, :L][mask]
-        keep = torch.zeros_like(logp_all, dtype=torch.bool).scatter_(1, allowed.clamp(min=0), allowed >= 0)
-        logp_all = torch.where(keep | (allowed < 0).all(1, keepdim=True), logp_all, float("-inf"))
-        logp_all = logp_all - logp_all.logsumexp(-1, keepdim=True)
+        logp_all = masked_log_softmax(hf.lm_head(h).float(), allowed_all[mb, :L][mask])
         logp = logp_all.gather(1, ids[mask][:, None]).squeeze(1)
         (-(tok_credit[mb, :L][mask] * logp).sum() / n_tok).backward()
     torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)

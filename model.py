@@ -256,14 +256,8 @@ class Transformer(nn.Module):
         a row of all -1 means unconstrained. The lm_head runs only at the N predicting positions.
         prefix_len: the rows share their first prefix_len tokens (see hidden)."""
         h = self.hidden(idx, prefix_len=prefix_len)[:, :-1][mask[:, 1:]]               # (N, C): position t-1 predicts token t
-        logp_all = F.log_softmax(self.lm_head(h).float(), dim=-1)  # (N, V)
-        tgt = idx[mask]                                          # (N,)
-        if allowed is not None:
-            free = (allowed < 0).all(1, keepdim=True)            # (N, 1)
-            keep = torch.zeros_like(logp_all, dtype=torch.bool).scatter_(1, allowed.clamp(min=0), allowed >= 0)
-            logp_all = torch.where(keep | free, logp_all, float("-inf"))
-            logp_all = logp_all - logp_all.logsumexp(-1, keepdim=True)
-        logp = logp_all.gather(1, tgt[:, None]).squeeze(1)
+        logp_all = masked_log_softmax(self.lm_head(h).float(), allowed)  # (N, V)
+        logp = logp_all.gather(1, idx[mask][:, None]).squeeze(1)
         p = logp_all.exp()
         entropy = -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
         return logp, entropy
@@ -288,6 +282,17 @@ class Transformer(nn.Module):
         cache.pos += lengths
         last = (lengths - 1).clamp(min=0)
         return self.lm_head(h[torch.arange(B), last]).float()
+
+def masked_log_softmax(logits, allowed=None):
+    """logits (N, V) -> log-probs renormalized over allowed (N, K) token ids (-1 padded; a row of all -1
+    means every token), i.e. the policy that constrained decoding samples from."""
+    logp = F.log_softmax(logits, dim=-1)
+    if allowed is None:
+        return logp
+    free = (allowed < 0).all(1, keepdim=True)                                 # (N, 1)
+    keep = torch.zeros_like(logp, dtype=torch.bool).scatter_(1, allowed.clamp(min=0), allowed >= 0)
+    logp = torch.where(keep | free, logp, float("-inf"))
+    return logp - logp.logsumexp(-1, keepdim=True)
 
 # -----------------------------------------------------------------------------
 # sampling

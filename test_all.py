@@ -219,9 +219,7 @@ def test_reference_values():
         for hands in itertools.permutations(E.HANDS, 2):
             g = E.make_game("tas", 0, 1)
             g.hands = hands
-            for p in (0, 1):
-                g.phase = "action"
-            g.pending, g.moves = [0, 1], {}
+            g.phase, g.pending, g.moves = "action", [0, 1], {}   # skip the messages: straight to proposals
             g.act(0, E.STRATEGIES["tas"][a](g, 0, None)); g.act(1, E.STRATEGIES["tas"][b](g, 1, None))
             tot = [tot[p] + g.rewards[0][p] / 6 for p in (0, 1)]
         return tot
