@@ -482,12 +482,19 @@ def test_train_smoke(tiny_dir, tmp_path, env, algo):
     assert os.path.exists(tmp_path / "o" / "ckpt" / "model.safetensors")
 
 def test_resume_continues_the_same_stream(tiny_dir, tmp_path):
-    """Stopping after 2 iterations and resuming gives the same iteration 2 as an uninterrupted run."""
+    """Stopping after 2 iterations and resuming gives the same iteration 2 as an uninterrupted run, also from a
+    moved run directory and from a checkpoint that predates a config knob (it gets the current default)."""
     base = ["--env", "ipd", "--model_name", tiny_dir, "--n_games", "4", "--n_rounds", "3", "--ckpt_interval", "1",
             "--lr", "1e-3", "--buffer_interval", "1"]
     full = run_train(base + ["--max_iters", "3", "--out_dir", str(tmp_path / "a")])
     run_train(base + ["--max_iters", "2", "--out_dir", str(tmp_path / "b")])
-    resumed = run_train(base + ["--max_iters", "3", "--out_dir", str(tmp_path / "b"), "--resume"])
+    os.rename(tmp_path / "b", tmp_path / "c")
+    st_path = tmp_path / "c" / "ckpt" / "state.pt"
+    st = torch.load(st_path, weights_only=True)
+    del st["config"]["micro_tokens"]
+    torch.save(st, st_path)
+    resumed = run_train(base + ["--max_iters", "3", "--out_dir", str(tmp_path / "c"), "--resume"])
+    assert os.path.exists(tmp_path / "c" / "ckpt" / "state.pt") and not os.path.exists(tmp_path / "b")
     assert [r["iter"] for r in resumed] == [0, 1, 2]
     for k in ("reward_seat0", "reward_seat1", "loss"):
         assert resumed[2][k] == pytest.approx(full[2][k], rel=1e-5)

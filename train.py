@@ -323,9 +323,12 @@ def main(argv):
         model, tok = load_dir(ckpt, dev, torch.float32)
         state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
         start = state["iter"]
-        for k in ("max_iters", "device", "dtype", "resume"):
+        missing = sorted(set(cfg) - set(state["config"]))               # knobs added after that checkpoint
+        if missing:
+            print(f"resume: the checkpoint predates {', '.join(missing)}: using the current values")
+        for k in ("max_iters", "device", "dtype", "resume", "out_dir"):
             state["config"][k] = cfg[k]
-        cfg = state["config"]
+        cfg = {**cfg, **state["config"]}
     else:
         try:
             model, tok = load_model(cfg["model_name"], dev, torch.float32)
@@ -342,7 +345,7 @@ def main(argv):
     snapshots = []
     if state is not None:
         opt.load_state_dict(state["optimizer"])
-        snapshots = list(state["snapshots"])
+        snapshots = [os.path.join(cfg["out_dir"], "snapshots", os.path.basename(f)) for f in state["snapshots"]]
     live = LMPolicy(model, tok, "live")
     # the other seat: a fixed strategy, a frozen checkpoint, the AA agent buffer, or (naive/sum) self-play
     opp, opp_model, ref_model = None, None, None
