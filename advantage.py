@@ -112,8 +112,20 @@ def fmt(p):
     return "(" + ", ".join(f"{x:.2f}" for x in p.tolist()) + ")  [open, CC, CD, DC, DD]"
 
 if __name__ == "__main__":
-    import time
+    import sys, time
     t0 = time.time()
+    if len(sys.argv) > 1:                                     # python advantage.py 0 0.1 0.5 1: a beta sweep
+        try:
+            betas = [float(b) for b in sys.argv[1:]]
+        except ValueError:
+            sys.exit("usage: python advantage.py [beta ...]   (no arguments: the naive vs AA demo)")
+        print("AA beta sweep, 3 seeds each: cooperation and player 0's P(C)")
+        for beta in betas:
+            for seed in range(3):
+                p, coop = train_tabular("adalign", beta=beta, seed=seed)
+                print(f"  beta {beta:g} seed {seed}: coop {coop:.2f}  P(C) " + fmt(p[0]))
+        print(f"({time.time() - t0:.1f} s)")
+        sys.exit()
     for algo, beta in (("naive", 0.0), ("adalign", 0.5)):
         print(f"\n{algo} (beta {beta}, gamma 0.9, 128 games x 10 rounds, Adam lr 0.1), player 0's P(cooperate):")
         p, coop = train_tabular(algo, beta=beta, log_every=25)
