@@ -8,6 +8,7 @@ eval.py: face-offs, the memory-one readout, exploitability, transcripts and plot
     python eval.py --env ipd --exploit out/ckpt --iters 10                 # a naive learner vs the frozen policy
     python eval.py --env tas --a out/ckpt --b honest --transcript 2        # readable games (Markdown)
     python eval.py --plot out                                              # learning curves as PNG
+    python eval.py --plot runs/aa runs/naive --plot_file cmp.png           # several runs on one figure
     python eval.py --env ipd --a out/ckpt --b api:http://127.0.0.1:8000/v1:MODEL   # any OpenAI-style endpoint
     python eval.py --env ipd --a out/ckpt --b human                        # you, at the terminal
 
@@ -207,18 +208,25 @@ def exploit(env, frozen, iters, out_dir, extra):
     train.main(argv)
     return [json.loads(l) for l in open(os.path.join(out_dir, "log.jsonl"))]
 
-def plot_run(run_dir, path=None):
-    """Learning curves from run_dir/log.jsonl (and memory-one vectors logged at checkpoints) -> PNG."""
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         sys.exit("error: --plot needs matplotlib (pip install matplotlib); nothing else in eval.py does")
+    return plt
+
+def read_log(run_dir):
     f = os.path.join(run_dir, "log.jsonl")
     if not os.path.exists(f):
         sys.exit(f"error: no log.jsonl in {run_dir}")
-    log = [json.loads(l) for l in open(f)]
+    return [json.loads(l) for l in open(f)]
+
+def plot_run(run_dir, path=None):
+    """Learning curves from run_dir/log.jsonl (and memory-one vectors logged at checkpoints) -> PNG."""
+    plt = _pyplot()
+    log = read_log(run_dir)
     keys = [k for k in ("reward_trained", "reward_seat0", "reward_seat1", "welfare", "coop", "invalid",
                         "reward_opponent") if k in log[0]]
     mem = [r for r in log if "memory_one" in r]
@@ -239,6 +247,31 @@ def plot_run(run_dir, path=None):
     fig.suptitle(run_dir)
     fig.tight_layout()
     path = path or os.path.join(run_dir, "curves.png")
+    fig.savefig(path, dpi=90)
+    return path
+
+def plot_compare(run_dirs, path):
+    """Several runs on one figure: cooperation and welfare per iteration, the last memory-one readout -> PNG."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for i, d in enumerate(run_dirs):
+        log, c = read_log(d), f"C{i}"
+        name = os.path.basename(os.path.normpath(d))
+        it = [r["iter"] for r in log]
+        axes[0].plot(it, [r.get("coop", float("nan")) for r in log], color=c, label=name)
+        axes[1].plot(it, [r["welfare"] for r in log], color=c, label=name)
+        mem = [r for r in log if "memory_one" in r]
+        if mem:
+            axes[2].plot(range(len(MEMORY_ONE)), [mem[-1]["memory_one"][k] for k in MEMORY_ONE], marker="o",
+                         color=c, label=f"{name} (iter {mem[-1]['iter']})")
+    axes[0].set_title("cooperation rate"); axes[0].set_ylim(-0.05, 1.05); axes[1].set_title("welfare per round")
+    axes[2].set_title("last memory-one P(cooperate)"); axes[2].set_ylim(-0.05, 1.05)
+    axes[2].set_xticks(range(len(MEMORY_ONE)), list(MEMORY_ONE))
+    for ax in axes[:2]:
+        ax.set_xlabel("iteration")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
     fig.savefig(path, dpi=90)
     return path
 
@@ -265,7 +298,9 @@ def main(argv=None):
     ap.add_argument("--out_dir", default="out_exploit", help="--exploit: where the learner's run goes")
     ap.add_argument("--transcript", type=int, default=0, metavar="K", help="write K games to --transcript_file")
     ap.add_argument("--transcript_file", default="transcript.md")
-    ap.add_argument("--plot", metavar="RUN_DIR", help="learning curves of a train.py run as PNG")
+    ap.add_argument("--plot", metavar="RUN_DIR", nargs="+", help="learning curves of a train.py run as PNG "
+                    "(RUN_DIR/curves.png); several runs: one comparison figure, --plot_file")
+    ap.add_argument("--plot_file", default="compare.png", help="--plot with several runs: where the figure goes")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -274,7 +309,7 @@ def main(argv=None):
     cache = {}
     try:
         if args.plot:
-            path = plot_run(args.plot)
+            path = plot_run(args.plot[0]) if len(args.plot) == 1 else plot_compare(args.plot, args.plot_file)
             print(f"wrote {path}")
             if args.json:
                 print(json.dumps({"plot": path}))
