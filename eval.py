@@ -128,7 +128,8 @@ def faceoff(env, pa, pb, n_games, seed=0, n_rounds=10, group_size=1, temperature
            "n_games": n_games}
     if env == "ipd":
         coop = torch.tensor([[i["moves"][s] == "A" for i in g.info] for g in ro.games for s in (0, 1)]).float()
-        out.update(coop_a=coop[a_row].mean().item(), coop_b=coop[b_row].mean().item())
+        out.update(coop_a=coop[a_row].mean().item(), coop_b=coop[b_row].mean().item(),
+                   coop_by_round_a=coop[a_row].mean(0).tolist(), coop_by_round_b=coop[b_row].mean(0).tolist())
     for who, pol in (("a", pa), ("b", pb)):
         if isinstance(pol, ApiPolicy):
             out[f"api_failures_{who}"] = pol.failures
@@ -144,6 +145,11 @@ def faceoff_table(env, names, fig):
         coop = f" {fig['coop_' + who]:.2f} |" if env == "ipd" else ""
         rows.append(f"| {who}: {name} | {fig['reward_' + who]:.3f} ± {fig['se_' + who]:.3f} | "
                     f"{fig['invalid_' + who]:.3f} |{coop}")
+    if env == "ipd":
+        rows += ["", "| cooperation by round | " + " | ".join(str(t) for t in range(len(fig["coop_by_round_a"]))) + " |",
+                 "|---|" + "---|" * len(fig["coop_by_round_a"])]
+        rows += [f"| {who}: {name} | " + " | ".join(f"{c:.2f}" for c in fig[f"coop_by_round_{who}"]) + " |"
+                 for who, name in zip("ab", names)]
     rows.append(f"\ncollective welfare (sum per round): {fig['welfare']:.3f} ± {fig['se_welfare']:.3f} "
                 f"over {fig['n_games']} games (both seat orders)")
     return "\n".join(rows)

@@ -517,6 +517,7 @@ def test_faceoffs_reproduce_reference_values():
     """Fixed-vs-fixed face-offs through rollout.py match SPEC 2 within sampling error."""
     fig = EV.faceoff("ipd", R.FixedPolicy("ipd", "tit_for_tat"), R.FixedPolicy("ipd", "defector"), 8)[0]
     assert fig["reward_a"] == pytest.approx(0.9) and fig["reward_b"] == pytest.approx(1.4) and fig["coop_a"] == pytest.approx(0.1)
+    assert fig["coop_by_round_a"] == [1.0] + [0.0] * 9 and fig["coop_by_round_b"] == [0.0] * 10
     fig = EV.faceoff("split", R.FixedPolicy("split", "greedy"), R.FixedPolicy("split", "welfare_max"), 96)[0]
     assert abs(fig["reward_a"] - 425 / 3) < 4 * fig["se_a"] and abs(fig["reward_b"] - 205 / 3) < 4 * fig["se_b"]
     fig = EV.faceoff("tas", R.FixedPolicy("tas", "greedy"), R.FixedPolicy("tas", "honest"), 96)[0]
