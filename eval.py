@@ -227,7 +227,17 @@ def read_log(run_dir):
     f = os.path.join(run_dir, "log.jsonl")
     if not os.path.exists(f):
         sys.exit(f"error: no log.jsonl in {run_dir}")
-    return [json.loads(l) for l in open(f)]
+    log, bad = [], 0
+    for line in open(f):
+        try:
+            log.append(json.loads(line))
+        except json.JSONDecodeError:                          # e.g. a run killed in the middle of a write
+            bad += 1
+    if bad:
+        print(f"warning: skipped {bad} unreadable line(s) of {f}", file=sys.stderr)
+    if not log:
+        sys.exit(f"error: {f} has no iterations yet")
+    return log
 
 def plot_run(run_dir, path=None):
     """Learning curves from run_dir/log.jsonl (and memory-one vectors logged at checkpoints) -> PNG."""
