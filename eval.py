@@ -212,7 +212,7 @@ def exploit(env, frozen, iters, out_dir, extra):
     if os.path.exists(os.path.join(out_dir, "log.jsonl")):
         os.remove(os.path.join(out_dir, "log.jsonl"))
     train.main(argv)
-    return [json.loads(l) for l in open(os.path.join(out_dir, "log.jsonl"))]
+    return read_log(out_dir)
 
 def _pyplot():
     try:

@@ -207,12 +207,13 @@ def shared_prefix(ids, mask):
 
 def micro_batches(rows, length, max_tokens):
     """Split rows into consecutive micro-batches of at most max_tokens padded tokens (at least one row)."""
-    out, cur = [], []
+    out, cur, L = [], [], 0                                             # L: the longest row in cur
     for r in rows:
-        if cur and (len(cur) + 1) * max(int(length[i]) for i in cur + [r]) > max_tokens:
+        if cur and (len(cur) + 1) * max(L, int(length[r])) > max_tokens:
             out.append(cur)
-            cur = []
+            cur, L = [], 0
         cur.append(r)
+        L = max(L, int(length[r]))
     return out + [cur] if cur else out
 
 def update(model, ref_model, opt, ro, credit, trained, cfg, autocast):
