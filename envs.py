@@ -234,6 +234,32 @@ def memory_one(p_open, pcc, pcd, pdc, pdd):
         return "<A>" if rng.random() < (probs[h[-1]] if h else p_open) else "<B>"
     return play
 
+def ipd_best_response(m1, n_rounds=10):
+    """Exact best response to a memory-one IPD policy m1 = {opening, cc, cd, dc, dd} (P(cooperate), the
+    policy's own move first) by dynamic programming: the exploiter knows the horizon and sees every move,
+    and picks each round's move from the last outcome. Ties go to cooperation. -> reward per round
+    {exploiter, policy} under that best response."""
+    pay = {("A", "A"): (3, 3), ("A", "B"): (0, 5), ("B", "A"): (5, 0), ("B", "B"): (1, 1)}  # (policy, exploiter)
+    states = ("opening", "cc", "cd", "dc", "dd")
+    outcome = {"AA": "cc", "AB": "cd", "BA": "dc", "BB": "dd"}            # (policy's move, exploiter's move)
+    V = {s: (0.0, 0.0) for s in states}                                  # (exploiter, policy) from round t on
+    for _ in range(n_rounds):
+        new = {}
+        for s in states:
+            pc = m1[s]
+            best = None
+            for e in "AB":                                                # the exploiter's move this round
+                ex = po = 0.0
+                for m, pm in (("A", pc), ("B", 1 - pc)):                  # the policy's move
+                    nxt = V[outcome[m + e]]
+                    ex += pm * (pay[(m, e)][1] + nxt[0])
+                    po += pm * (pay[(m, e)][0] + nxt[1])
+                if best is None or ex > best[0] + 1e-12:
+                    best = (ex, po)
+            new[s] = best
+        V = new
+    return {"exploiter": V["opening"][0] / n_rounds, "policy": V["opening"][1] / n_rounds}
+
 def ipd(rule):
     """Wrap a rule over (my moves, their moves, rng) -> 'A'/'B' into a strategy."""
     def play(g, p, rng):

@@ -5,6 +5,7 @@ eval.py: face-offs, the memory-one readout, exploitability, transcripts and plot
     python eval.py --env ipd --a out/ckpt --b smollm2-135m --n_games 64    # trained vs base model
     python eval.py --env ipd --matrix out/ckpt,tit_for_tat,defector,cooperator
     python eval.py --env ipd --a out/ckpt --memory_one                     # P(C) at opening, after CC/CD/DC/DD
+    python eval.py --env ipd --a out/ckpt --best_response                  # exact exploiter of that readout
     python eval.py --env ipd --exploit out/ckpt --iters 10                 # a naive learner vs the frozen policy
     python eval.py --env tas --a out/ckpt --b honest --transcript 2        # readable games (Markdown)
     python eval.py --plot out                                              # learning curves as PNG
@@ -180,26 +181,11 @@ def transcript(env, names, ro, a_seat0, k, path):
 # -----------------------------------------------------------------------------
 # memory-one readout
 
-def fixed_memory_one(name, n=2000):
-    """P(C) of a fixed IPD strategy at the opening and after CC, CD, DC, DD (estimated if it is random)."""
-    import random
-    rng, fn = random.Random(0), envs.STRATEGIES["ipd"][name]
-    out = {}
-    for key, hist in zip(MEMORY_ONE, [None, ("A", "A"), ("A", "B"), ("B", "A"), ("B", "B")]):
-        g = envs.make_game("ipd", 0, 3)
-        if hist:
-            g.act(0, f"<{hist[0]}>"); g.act(1, f"<{hist[1]}>")
-        out[key] = sum(envs.IPD.parse(fn(g, 0, rng)) == "A" for _ in range(n)) / n
-    return out
-
 def nearest_classic(v):
     vec = [v[k] for k in MEMORY_ONE]
     d = {name: math.dist(vec, ref) for name, ref in CLASSIC.items()}
     best = min(d, key=d.get)
     return best, d[best]
-
-def policy_memory_one(pol):
-    return fixed_memory_one(pol.name) if isinstance(pol, FixedPolicy) else memory_one(pol)
 
 # -----------------------------------------------------------------------------
 # exploitability and plots
@@ -308,6 +294,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--matrix", help="P1,P2,...: face-off matrix of every ordered pair")
     ap.add_argument("--memory_one", action="store_true", help="ipd: exact P(C) of --a at opening, CC, CD, DC, DD")
+    ap.add_argument("--best_response", action="store_true", help="ipd: exact best response to --a's memory-one readout")
     ap.add_argument("--exploit", metavar="POLICY", help="train a naive learner against this frozen POLICY")
     ap.add_argument("--iters", type=int, default=10, help="--exploit: training iterations")
     ap.add_argument("--exploit_args", default="", help="--exploit: extra train.py args, e.g. '--lr 1e-4 --n_games 8'")
@@ -329,16 +316,22 @@ def main(argv=None):
             print(f"wrote {path}")
             if args.json:
                 print(json.dumps({"plot": path}))
-        elif args.memory_one:
+        elif args.memory_one or args.best_response:
             if args.env != "ipd" or not args.a:
-                ap.error("--memory_one needs --env ipd and --a POLICY")
-            v = policy_memory_one(make_policy(args.a, "ipd", args.device, cache))
+                ap.error("--memory_one and --best_response need --env ipd and --a POLICY")
+            v = memory_one(make_policy(args.a, "ipd", args.device, cache))
             name, dist = nearest_classic(v)
             print("| opening | after CC | after CD | after DC | after DD |\n|---|---|---|---|---|\n| " +
                   " | ".join(f"{v[k]:.3f}" for k in MEMORY_ONE) + " |")
             print(f"nearest classic strategy: {name} (distance {dist:.3f})")
+            out = {**v, "nearest": name, "distance": dist}
+            if args.best_response:
+                br = envs.ipd_best_response(v, args.n_rounds)
+                print(f"best response over {args.n_rounds} rounds (exploiter knows the horizon, sees every move): "
+                      f"exploiter {br['exploiter']:.2f}, policy {br['policy']:.2f} per round")
+                out = {**br, "memory_one": v}
             if args.json:
-                print(json.dumps({**v, "nearest": name, "distance": dist}))
+                print(json.dumps(out))
         elif args.exploit:
             extra = args.exploit_args.split() + ["--n_rounds", str(args.n_rounds), "--device", args.device]
             log = exploit(args.env, args.exploit, args.iters, args.out_dir, extra)

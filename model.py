@@ -303,7 +303,9 @@ def sample(logits, temperature, generator=None):
     if temperature == 0:
         return logits.argmax(-1)
     probs = F.softmax(logits.float() / temperature, dim=-1)
-    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device)
+    # the uniforms come from the CPU generator on every device, so a seed plays the same games on a CPU and
+    # a GPU (up to the numerics of the probabilities)
+    u = torch.rand(probs.size(0), 1, generator=generator).to(probs.device)
     cdf = probs.cumsum(-1)
     return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1).clamp(max=probs.size(1) - 1)
 

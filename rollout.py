@@ -277,21 +277,32 @@ def pack(toks, games, seat_policy, group_size, n_rounds):
 MEMORY_ONE = ("opening", "cc", "cd", "dc", "dd")
 
 @torch.no_grad()
-def memory_one(pol):
-    """An LM policy's exact P(cooperate) in the IPD at the opening and after one round that ended CC, CD,
-    DC, DD (own move first), from the masked probabilities of the two action options. -> dict."""
-    g = envs.make_game("ipd", 0, 2)
-    chat, intro = pol.chat, g.intro
-    shared, first = chat.first(intro, g.observe(0)[len(intro):])
-    root = pol.trie(g.options(0))
-    prefix = follow_forced(root)                        # the tokens before the choice ('<')
-    node = prefix[-1][1] if prefix else root
-    choices = [next(iter(node))] if len(node) == 1 else list(node)
-    a_tok = [t for t in choices if chat.tok.decode([t]) == "A"][0]
-    convs = [shared + first + [t for t, _ in prefix]]
-    for mine, theirs in (("A", "A"), ("A", "B"), ("B", "A"), ("B", "B")):
-        turn = chat.encode(f"<{mine}>") + [chat.eot] + chat.next(f"The other agent played <{theirs}>.")
-        convs.append(shared + first + turn + [t for t, _ in prefix])
+def memory_one(pol, n_samples=2000):
+    """A policy's P(cooperate) in the IPD at the opening and after one round that ended CC, CD, DC, DD
+    (own move first). The game itself is driven to each situation, so the text is the game's own. An LM
+    policy's value is exact: the masked probability of the '<A>' branch where the two actions' token
+    sequences part (any tokenizer). A fixed strategy's is estimated from n_samples replies. -> dict."""
+    situations = [None, ("A", "A"), ("A", "B"), ("B", "A"), ("B", "B")]
+    games, texts = [], []                         # texts: what player 0 reads before its first and second move
+    for hist in situations:
+        g = envs.make_game("ipd", 0, 2)
+        texts.append([g.observe(0)])
+        if hist:
+            g.act(0, f"<{hist[0]}>"); g.act(1, f"<{hist[1]}>")
+            texts[-1].append(g.observe(0))
+        games.append(g)
+    if not isinstance(pol, LMPolicy):
+        rng = random.Random(0)
+        return {k: sum(envs.IPD.parse(pol.reply(g, 0, t[-1], rng)) == "A" for _ in range(n_samples)) / n_samples
+                for k, g, t in zip(MEMORY_ONE, games, texts)}
+    chat, intro = pol.chat, games[0].intro
+    a_ids, b_ids = (chat.encode(s) + [chat.eot] for s in games[0].options(0))  # '<A>', '<B>' as this tokenizer splits them
+    k = next(i for i, (a, b) in enumerate(zip(a_ids, b_ids)) if a != b)       # the one token where they part
+    convs = []
+    for hist, t in zip(situations, texts):
+        shared, first = chat.first(intro, t[0][len(intro):])
+        turn = chat.encode(f"<{hist[0]}>") + [chat.eot] + chat.next(t[1]) if hist else []
+        convs.append(shared + first + turn + a_ids[:k])                       # up to the choice
     model = pol.model
     dev = model.lm_head.weight.device
     L = max(len(c) for c in convs)
@@ -299,6 +310,5 @@ def memory_one(pol):
     for i, c in enumerate(convs):
         idx[i, :len(c)] = torch.tensor(c)
     h = model.hidden(idx)[torch.arange(len(convs)), torch.tensor([len(c) - 1 for c in convs])]
-    logits = model.lm_head(h).float()[:, choices]       # (5, 2): renormalized over the legal options
-    p = torch.softmax(logits, -1)[:, choices.index(a_tok)]
-    return dict(zip(MEMORY_ONE, p.tolist()))
+    logits = model.lm_head(h).float()[:, [a_ids[k], b_ids[k]]]          # (5, 2): renormalized over the legal options
+    return dict(zip(MEMORY_ONE, torch.softmax(logits, -1)[:, 0].tolist()))

@@ -69,7 +69,7 @@ weight_decay = 0.0
 grad_clip = 1.0           # max gradient norm
 micro_tokens = 2560       # tokens per forward/backward (memory: ~1.5 GB per 1000 tokens of SmolLM2 in fp32)
 device = "auto"           # auto | cpu | cuda | cuda:1 ...
-dtype = "auto"            # auto | float32 | bfloat16: autocast dtype of forward passes (weights stay fp32)
+dtype = "auto"            # auto (cuda: bfloat16, cpu: float32) | float32 | bfloat16: autocast dtype (weights stay fp32)
 preset = ""               # "paper": the released hyperparameters (128/64 games, lr 3e-6) on Qwen2.5-1.5B (a GPU)
 # -----------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
@@ -152,23 +152,29 @@ def resolve(cfg):
         sys.exit("error: need 0 < gamma <= 1, lr > 0 and temperature > 0")
     return cfg
 
+def check_device(dev):
+    """Exit with one line if dev is not a usable device of this torch build."""
+    try:
+        d = torch.device(dev)
+    except RuntimeError:
+        sys.exit(f"error: --device {dev!r} is not a device: use auto, cpu, cuda or cuda:N")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"error: --device {dev} but this torch has no usable CUDA (build {torch.__version__}): "
+                 "use --device cpu, or install a CUDA build of torch")
+    if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+        sys.exit(f"error: --device {dev} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if d.type not in ("cpu", "cuda"):
+        sys.exit(f"error: --device {dev}: only cpu and cuda are supported")
+
 def pick_device_dtype(dev, dt):
-    """CUDA when present; bf16 autocast where it is measured faster than fp32, else fp32."""
+    """CUDA when present. dtype auto: bf16 autocast on CUDA, fp32 on a CPU. Not a speed test: the dtype
+    changes what is learned (MEASURED.md), so a CPU run gives the same numbers on any CPU unless
+    --dtype bfloat16 is asked for (faster on CPUs with bf16 instructions; its own results)."""
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(dev)
     if dt == "auto":
-        if dev.startswith("cuda"):
-            dt = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-        else:  # CPUs without bf16 instructions run bf16 matmuls several times slower: time both
-            x, w = torch.randn(256, 576), torch.randn(1536, 576)
-            def timed(d):
-                a, b = x.to(d), w.to(d)
-                torch.nn.functional.linear(a, b)
-                t0 = time.perf_counter()
-                for _ in range(5):
-                    torch.nn.functional.linear(a, b)
-                return time.perf_counter() - t0
-            dt = "bfloat16" if timed(torch.bfloat16) < 0.7 * timed(torch.float32) else "float32"
+        dt = "bfloat16" if dev.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     if dt not in ("float32", "bfloat16"):
         sys.exit(f"error: --dtype must be auto, float32 or bfloat16, got {dt!r}")
     return dev, dt
@@ -420,6 +426,7 @@ def main(argv):
         if save_now and cfg["env"] == "ipd":
             model.eval()
             rec["memory_one"] = memory_one(live)                        # P(C) at opening, CC, CD, DC, DD
+            rec["best_response"] = envs.ipd_best_response(rec["memory_one"])  # exploiter / policy reward per round
         log.write(json.dumps(rec) + "\n")
         log.flush()
         coop = f" coop {m['coop']:.2f}" if "coop" in m else ""
