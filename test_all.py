@@ -524,12 +524,27 @@ def test_faceoffs_reproduce_reference_values():
     assert abs(fig["reward_a"] - 52.5) < 4 * fig["se_a"] and abs(fig["reward_b"] - 25) < 4 * fig["se_b"]
 
 def test_memory_one_readout(smol):
-    """A scripted TFT reads (1, 1, 0, 1, 0); the base model's readout is a vector of probabilities."""
-    v = EV.policy_memory_one(R.FixedPolicy("ipd", "tit_for_tat"))
+    """A scripted TFT reads (1, 1, 0, 1, 0), ZD-extort its defining vector; the base model's readout is a
+    vector of probabilities (one path that drives the game for fixed and LM policies alike)."""
+    v = R.memory_one(R.FixedPolicy("ipd", "tit_for_tat"))
     assert [v[k] for k in R.MEMORY_ONE] == [1, 1, 0, 1, 0] and EV.nearest_classic(v) == ("TFT", 0.0)
+    v = R.memory_one(R.FixedPolicy("ipd", "zd_extort_2"), n_samples=4000)
+    assert all(abs(v[k] - x) < 0.03 for k, x in zip(R.MEMORY_ONE, (1.0, 8 / 9, 1 / 2, 1 / 3, 0.0)))
     model, tok, _ = smol
     v = R.memory_one(R.LMPolicy(model, tok))
     assert set(v) == set(R.MEMORY_ONE) and all(0 < x < 1 for x in v.values())
+
+def test_best_response_references():
+    """The DP exploiter of a memory-one policy reproduces the hand-computed values (SPEC's references)."""
+    ref = {(1, 1, 0, 1, 0): (3.2, 2.7), (1, 1, 1, 1, 1): (5.0, 0.0), (0, 0, 0, 0, 0): (1.0, 1.0),
+           (1, 1, 0, 0, 0): (3.2, 2.7),   # grim trigger: cooperate 9 rounds, defect in the last
+           (0.5, 0.5, 0.5, 0.5, 0.5): (3.0, 0.5)}  # a coin: always defect (5 or 1, half each)
+    for vec, (ex, po) in ref.items():
+        br = E.ipd_best_response(dict(zip(R.MEMORY_ONE, vec)))
+        assert abs(br["exploiter"] - ex) < 1e-9 and abs(br["policy"] - po) < 1e-9, (vec, br)
+    # one round: no future to protect, so defecting is best against anything
+    br = E.ipd_best_response(dict(zip(R.MEMORY_ONE, (0.3, 1, 1, 1, 1))), n_rounds=1)
+    assert abs(br["exploiter"] - (0.3 * 5 + 0.7 * 1)) < 1e-9
 
 def fake_server(mode):
     """An OpenAI-style endpoint on 127.0.0.1 that answers well, answers garbage, hangs, or fails."""

@@ -63,10 +63,13 @@ opponent = ""             # train one seat against this fixed strategy (envs.py)
 buffer_interval = 10      # AA agent buffer: snapshot the policy every this many iterations
 buffer_size = 4           # AA agent buffer: snapshots kept (bf16, on disk in out_dir/snapshots)
 buffer_prob = 0.5         # AA: probability that a game's opponent is a past snapshot (else the live policy)
+buffer_fixed = ""         # AA: fixed strategies mixed into the agent buffer, comma-separated (e.g. "defector,random")
+buffer_fixed_prob = 0.0   # AA: probability that a game's opponent is one of buffer_fixed (drawn before the above)
 # optimization
 lr = 1e-5                 # Adam learning rate (full fine-tuning)
 weight_decay = 0.0
 grad_clip = 1.0           # max gradient norm
+skip_no_signal = True     # skip the step when every credit is 0: Adam would turn a tiny entropy/KL gradient into a full step
 micro_tokens = 2560       # tokens per forward/backward (memory: ~1.5 GB per 1000 tokens of SmolLM2 in fp32)
 device = "auto"           # auto | cpu | cuda | cuda:1 ...
 dtype = "auto"            # auto (cuda: bfloat16, cpu: float32) | float32 | bfloat16: autocast dtype (weights stay fp32)
@@ -124,8 +127,8 @@ def parse_args(argv, cfg):
         cfg[key] = new
     return cfg
 
-def resolve(cfg):
-    """Fill the per-env defaults, apply a preset, and check values."""
+def resolve(cfg, given=()):
+    """Fill the per-env defaults, apply a preset (to the knobs not given on the command line), check values."""
     if cfg["env"] not in envs.GAMES:
         sys.exit(f"error: --env must be one of {', '.join(envs.GAMES)}, got {cfg['env']!r}")
     if cfg["algo"] not in ("adalign", "naive", "sum"):
@@ -134,7 +137,8 @@ def resolve(cfg):
         if cfg["preset"] not in PRESETS:
             sys.exit(f"error: unknown --preset {cfg['preset']!r}: choose {', '.join(PRESETS)}")
         for k, v in PRESETS[cfg["preset"]].items():
-            cfg[k] = v[cfg["env"]] if isinstance(v, dict) else v
+            if k not in given:                                          # --preset paper --model_name X keeps X
+                cfg[k] = v[cfg["env"]] if isinstance(v, dict) else v
     d = ENV_DEFAULTS[cfg["env"]]
     for k in ("beta", "gamma", "reward_scale", "kl_coef"):
         if cfg[k] < 0:
@@ -150,6 +154,13 @@ def resolve(cfg):
         sys.exit(f"error: n_games ({cfg['n_games']}) must be a multiple of group_size ({cfg['group_size']})")
     if not 0 < cfg["gamma"] <= 1 or cfg["lr"] <= 0 or cfg["temperature"] <= 0:
         sys.exit("error: need 0 < gamma <= 1, lr > 0 and temperature > 0")
+    for k in ("buffer_prob", "buffer_fixed_prob"):
+        if not 0 <= cfg[k] <= 1:
+            sys.exit(f"error: --{k} must be between 0 and 1, got {cfg[k]}")
+    bad = [n for n in cfg["buffer_fixed"].split(",") if n and n not in envs.STRATEGIES[cfg["env"]]]
+    if bad:
+        sys.exit(f"error: --buffer_fixed: {', '.join(bad)} not {cfg['env']} strategies "
+                 f"({', '.join(envs.STRATEGIES[cfg['env']])})")
     return cfg
 
 def check_device(dev):
@@ -225,13 +236,16 @@ def micro_batches(rows, length, max_tokens):
 def update(model, ref_model, opt, ro, credit, trained, cfg, autocast):
     """One optimizer step of L = -(1/N) sum C log pi - ent * H + kl * k3, over decision tokens of the
     trained rows, in micro-batches. Returns stats; skips the step if the loss or grads are not finite
-    or if there is no signal (all credits 0: Adam's momentum alone would still move the weights)."""
+    or if there is no signal: all credits 0 (with skip_no_signal; otherwise only when the entropy and KL
+    terms are off too). Adam normalizes a gradient's scale away, so a step driven by the entropy bonus
+    alone moves the weights as far as a real one."""
     tok_credit = token_credits(ro, credit)                              # (N, L)
     decision, allowed_all = decision_tokens(ro)
     decision &= trained[:, None]
     n_tok = int(decision.sum())
     stats = dict(loss=0.0, entropy=0.0, kl=0.0, n_tok=n_tok, skipped="")
-    if n_tok == 0 or not tok_credit[decision].abs().gt(0).any() and cfg["entropy_coef"] == 0:
+    no_credit = not tok_credit[decision].abs().gt(0).any()
+    if n_tok == 0 or no_credit and (cfg["skip_no_signal"] or cfg["entropy_coef"] == cfg["kl_coef"] == 0):
         stats["skipped"] = "no signal"
         return stats
     dev = next(model.parameters()).device
@@ -301,6 +315,53 @@ def load_snapshot(model, f):
                 p.copy_(sd[k])
 
 # -----------------------------------------------------------------------------
+# opponents and seats
+
+def setup_opponents(cfg, tok, dev, ckpt):
+    """The other seat's policies: --opponent (a fixed strategy or a frozen checkpoint), or for AA the agent
+    buffer's network (its weights swapped for a snapshot each iteration) plus its fixed strategies; naive and
+    sum play themselves. -> (opponent policy or None, its network or None, [fixed buffer policies])."""
+    env = cfg["env"]
+    if cfg["opponent"] in envs.STRATEGIES[env]:
+        return FixedPolicy(env, cfg["opponent"]), None, []
+    if cfg["opponent"]:
+        try:
+            opp_model, opp_tok = load_model(cfg["opponent"], dev, torch.float32)
+        except (OSError, RuntimeError, ValueError) as e:
+            sys.exit(f"error: --opponent is neither a {env} strategy ({', '.join(envs.STRATEGIES[env])}) "
+                     f"nor a loadable model: {e}")
+        return LMPolicy(opp_model.eval(), opp_tok, "frozen"), opp_model, []
+    if cfg["algo"] != "adalign":
+        return None, None, []
+    opp_model = load_dir(ckpt, dev, torch.float32)[0] if ckpt else load_model(cfg["model_name"], dev, torch.float32)[0]
+    fixed = [FixedPolicy(env, n) for n in cfg["buffer_fixed"].split(",") if n]
+    return LMPolicy(opp_model.eval(), tok, "snapshot"), opp_model, fixed
+
+def assign_seats(G, cfg, live, opp, fixed, opp_model, snapshots, gen):
+    """-> policies, seat_policy (G, 2) indices into policies, trained (2G,) bool. Naive/sum: self-play, both
+    seats train. Otherwise the trained seat alternates by group and the other seat is the opponent; for the
+    AA buffer, per game: a fixed strategy with buffer_fixed_prob, else a past snapshot with buffer_prob
+    (loaded into opp_model), else the live policy. All draws come from gen (seed, iteration)."""
+    if opp is None:
+        return [live], torch.zeros(G, 2, dtype=torch.long), torch.ones(2 * G, dtype=torch.bool)
+    trained_seat = (torch.arange(G) // cfg["group_size"]) % 2               # (G,)
+    other = torch.ones(G, dtype=torch.long)                                  # index of the other seat's policy
+    if cfg["algo"] == "adalign" and not cfg["opponent"]:
+        if snapshots:
+            load_snapshot(opp_model, snapshots[int(torch.randint(len(snapshots), (1,), generator=gen))])
+            other = (torch.rand(G, generator=gen) < cfg["buffer_prob"]).long()
+        else:
+            other = torch.zeros(G, dtype=torch.long)
+        if fixed:
+            pick = torch.randint(len(fixed), (G,), generator=gen)
+            other = torch.where(torch.rand(G, generator=gen) < cfg["buffer_fixed_prob"], 2 + pick, other)
+    seat_policy = torch.zeros(G, 2, dtype=torch.long)
+    seat_policy[torch.arange(G), 1 - trained_seat] = other
+    trained = torch.zeros(2 * G, dtype=torch.bool)
+    trained[2 * torch.arange(G) + trained_seat] = True
+    return [live, opp] + fixed, seat_policy, trained
+
+# -----------------------------------------------------------------------------
 
 def metrics(ro, trained, cfg):
     """Per-round means of the iteration for the log line."""
@@ -318,7 +379,8 @@ def metrics(ro, trained, cfg):
 
 def main(argv):
     cfg = {k: v for k, v in globals().items() if k in CONFIG_KEYS}
-    cfg = resolve(parse_args(argv, cfg))
+    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    cfg = resolve(parse_args(argv, cfg), given)
     dev, dt = pick_device_dtype(cfg["device"], cfg["dtype"])
     cfg["device"], cfg["dtype"] = dev, dt
     torch.manual_seed(cfg["seed"])
@@ -354,21 +416,8 @@ def main(argv):
         opt.load_state_dict(state["optimizer"])
         snapshots = [os.path.join(cfg["out_dir"], "snapshots", os.path.basename(f)) for f in state["snapshots"]]
     live = LMPolicy(model, tok, "live")
-    # the other seat: a fixed strategy, a frozen checkpoint, the AA agent buffer, or (naive/sum) self-play
-    opp, opp_model, ref_model = None, None, None
-    if cfg["opponent"]:
-        if cfg["opponent"] in envs.STRATEGIES[cfg["env"]]:
-            opp = FixedPolicy(cfg["env"], cfg["opponent"])
-        else:
-            try:
-                opp_model, opp_tok = load_model(cfg["opponent"], dev, torch.float32)
-            except (OSError, RuntimeError, ValueError) as e:
-                sys.exit(f"error: --opponent is neither a {cfg['env']} strategy "
-                         f"({', '.join(envs.STRATEGIES[cfg['env']])}) nor a loadable model: {e}")
-            opp = LMPolicy(opp_model.eval(), opp_tok, "frozen")
-    elif cfg["algo"] == "adalign":
-        opp_model = load_dir(ckpt, dev, torch.float32)[0] if state else load_model(cfg["model_name"], dev, torch.float32)[0]
-        opp = LMPolicy(opp_model.eval(), tok, "snapshot")
+    opp, opp_model, fixed = setup_opponents(cfg, tok, dev, ckpt if state else None)
+    ref_model = None                                                    # the frozen initial model of the KL term
     if cfg["kl_coef"] > 0:
         ref_model = load_model(cfg["model_name"], dev, torch.float32)[0].eval().requires_grad_(False)
     log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a")
@@ -377,25 +426,8 @@ def main(argv):
     for it in range(start, cfg["max_iters"]):
         t0 = time.time()
         gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + it)
-        # 1. who plays which seat: trained seat alternates by group; the other is self, a snapshot, or fixed
-        group = torch.arange(G) // cfg["group_size"]
-        trained_seat = group % 2                                        # (G,)
-        if opp is None:                                                 # naive / sum: self-play, both seats train
-            policies, seat_policy = [live], torch.zeros(G, 2, dtype=torch.long)
-            trained = torch.ones(2 * G, dtype=torch.bool)
-        else:
-            use_opp = torch.ones(G, dtype=torch.bool)
-            if cfg["algo"] == "adalign" and not cfg["opponent"]:        # agent buffer
-                if snapshots:
-                    load_snapshot(opp_model, snapshots[int(torch.randint(len(snapshots), (1,), generator=gen))])
-                    use_opp = torch.rand(G, generator=gen) < cfg["buffer_prob"]
-                else:
-                    use_opp = torch.zeros(G, dtype=torch.bool)
-            policies = [live, opp]
-            seat_policy = torch.zeros(G, 2, dtype=torch.long)
-            seat_policy[torch.arange(G), 1 - trained_seat] = use_opp.long()
-            trained = torch.zeros(2 * G, dtype=torch.bool)
-            trained[2 * torch.arange(G) + trained_seat] = True
+        # 1. who plays which seat: the trained seat alternates by group; the other is self, a snapshot or fixed
+        policies, seat_policy, trained = assign_seats(G, cfg, live, opp, fixed, opp_model, snapshots, gen)
         # 2. play
         model.eval()
         t_roll = time.time()
