@@ -194,9 +194,7 @@ def exploit(env, frozen, iters, out_dir, extra):
     """Train a fresh naive learner from the base model against the frozen POLICY with train.py's loop."""
     import train
     argv = ["--env", env, "--algo", "naive", "--opponent", frozen, "--max_iters", str(iters),
-            "--out_dir", out_dir, "--ckpt_interval", str(max(iters, 1))] + extra
-    if os.path.exists(os.path.join(out_dir, "log.jsonl")):
-        os.remove(os.path.join(out_dir, "log.jsonl"))
+            "--out_dir", out_dir, "--ckpt_interval", str(max(iters, 1)), "--overwrite", "true"] + extra
     train.main(argv)
     return read_log(out_dir)
 

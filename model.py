@@ -363,15 +363,22 @@ def load_dir(path, device, dtype):
     from transformers import AutoTokenizer
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} has no config.json: not a model directory")
-    with open(os.path.join(path, "config.json")) as f:
-        hf = json.load(f)
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            hf = json.load(f)
+    except ValueError:
+        raise ValueError(f"{path}/config.json is not valid JSON: restore it from the checkpoint's source") from None
     cfg = config_from_hf(hf)
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} has no .safetensors weights (.bin checkpoints are not supported)")
     sd = {}
     for f in files:
-        sd.update(load_file(os.path.join(path, f)))
+        try:
+            sd.update(load_file(os.path.join(path, f)))
+        except Exception as e:              # safetensors raises its own error type for a truncated or garbled file
+            raise ValueError(f"{os.path.join(path, f)} is damaged ({type(e).__name__}: {str(e)[:80]}): "
+                             "restore or re-download it") from None
     with torch.device("meta"):
         model = Transformer(cfg)
     want = {k: v.shape for k, v in model.state_dict().items()}

@@ -631,3 +631,60 @@ def test_non_finite_loss_skips_the_step(tiny_dir):
     s2 = TR.update(model, None, opt, ro, torch.zeros(4, 3), trained, cfg, nullcontext())
     assert s1["skipped"] and s2["skipped"] == "no signal"
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+# -----------------------------------------------------------------------------
+# run directories: nothing lost, nothing silently wrong
+
+def test_out_dir_is_safe(tiny_dir, tmp_path):
+    """A fresh run refuses an out_dir holding a run (unless --overwrite), a live lock stops a second run, an
+    unwritable out_dir is one line, and --resume cuts log lines written after the checkpoint."""
+    base = ["--env", "ipd", "--model_name", tiny_dir, "--n_games", "2", "--n_rounds", "2", "--max_iters", "2",
+            "--out_dir", str(tmp_path / "o")]
+    run_train(base)
+    with pytest.raises(SystemExit) as e:
+        TR.main(base)
+    assert "already holds a run" in str(e.value)
+    assert [r["iter"] for r in run_train(base + ["--overwrite", "true"])] == [0, 1]
+    open(tmp_path / "o" / "lock", "w").write(str(os.getppid()))          # a live process holds it
+    with pytest.raises(SystemExit) as e:
+        TR.main(base + ["--overwrite", "true"])
+    assert "in use" in str(e.value)
+    os.remove(tmp_path / "o" / "lock")
+    with open(tmp_path / "o" / "log.jsonl", "a") as f:                     # logged after the last checkpoint
+        f.write(json.dumps({"iter": 2, "stale": True}) + "\n")
+    log = run_train(base[:-4] + ["--max_iters", "3", "--out_dir", str(tmp_path / "o"), "--resume"])
+    assert [r["iter"] for r in log] == [0, 1, 2] and "stale" not in log[2]
+    with pytest.raises(SystemExit) as e:
+        TR.main(base[:-2] + ["--out_dir", "/proc/nanoaa_test"])
+    assert "not writable" in str(e.value)
+
+def test_resume_recovers_and_merges(tiny_dir, tmp_path, capsys):
+    """A crash between save_checkpoint's renames leaves ckpt.tmp: --resume finds it. Knobs given with --resume
+    override the checkpoint's (and say so); changing the env is refused; damaged files are one line each."""
+    d = tmp_path / "o"
+    base = ["--env", "ipd", "--model_name", tiny_dir, "--n_games", "2", "--n_rounds", "2", "--out_dir", str(d)]
+    run_train(base + ["--max_iters", "1"])
+    os.rename(d / "ckpt", d / "ckpt.tmp")
+    log = run_train(["--out_dir", str(d), "--resume", "--max_iters", "2", "--lr", "0.5", "--algo", "naive"])
+    assert [r["iter"] for r in log] == [0, 1]
+    out = capsys.readouterr().out
+    assert "lr 1e-05 -> 0.5" in out and "algo 'adalign' -> 'naive'" in out
+    st = torch.load(d / "ckpt" / "state.pt", weights_only=True)
+    assert st["config"]["lr"] == 0.5 and st["config"]["algo"] == "naive"
+    assert st["optimizer"]["param_groups"][0]["lr"] == 0.5
+    for argv, msg in [(["--env", "split"], "differs from the checkpoint"),
+                      (["--group_size", "3"], "must be a multiple")]:           # n_games 2 from the checkpoint
+        with pytest.raises(SystemExit) as e:
+            TR.main(["--out_dir", str(d), "--resume", "--max_iters", "3"] + argv)
+        assert msg in str(e.value)
+    w = d / "ckpt" / "model.safetensors"
+    good = w.read_bytes()
+    w.write_bytes(good[:len(good) // 2])
+    with pytest.raises(SystemExit) as e:
+        TR.main(["--out_dir", str(d), "--resume", "--max_iters", "3"])
+    assert "model.safetensors is damaged" in str(e.value)
+    w.write_bytes(good)
+    (d / "ckpt" / "state.pt").write_bytes(b"garbage")
+    with pytest.raises(SystemExit) as e:
+        TR.main(["--out_dir", str(d), "--resume", "--max_iters", "3"])
+    assert "state.pt is damaged" in str(e.value)

@@ -18,14 +18,16 @@ Simplifications against the released code, on purpose:
   4. All randomness of iteration i derives from (seed, i), so --resume continues the same stream.
 """
 import ast
+import atexit
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from tqdm import tqdm
@@ -40,7 +42,8 @@ from rollout import FixedPolicy, LMPolicy, memory_one, rollout
 env = "ipd"               # ipd | split | tas
 model_name = "smollm2-135m"  # embedded model, a HF checkpoint dir, or a HF repo id (needs a hub)
 out_dir = "out"           # checkpoints and log.jsonl go here
-resume = False            # continue from out_dir/ckpt
+resume = False            # continue from out_dir/ckpt (knobs given on the command line override the checkpoint's)
+overwrite = False         # a fresh run may replace the run already in out_dir
 max_iters = 30            # training iterations
 ckpt_interval = 10        # checkpoint every this many iterations (and at the end)
 seed = 0
@@ -284,16 +287,121 @@ def update(model, ref_model, opt, ro, credit, trained, cfg, autocast):
 # checkpoints
 
 def save_checkpoint(model, tok, opt, it, cfg, snapshots, path):
-    """out_dir/ckpt: the policy as a save_pretrained dir + state.pt. Written to a temp dir, then renamed."""
+    """out_dir/ckpt: the policy as a save_pretrained dir + state.pt. Written to ckpt.tmp (state.pt last, by
+    rename, so a directory with state.pt is complete), then swapped in; find_checkpoint recovers a crash at
+    any point. Ctrl-C waits until the swap is done."""
     tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tok, tmp)
-    torch.save({"iter": it, "optimizer": opt.state_dict(), "config": cfg, "snapshots": snapshots},
-               os.path.join(tmp, "state.pt"))
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    with deferred_interrupt():
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            save_pretrained(model, tok, tmp)
+            torch.save({"iter": it, "optimizer": opt.state_dict(), "config": cfg, "snapshots": snapshots},
+                       os.path.join(tmp, "state.pt.part"))
+        except (OSError, RuntimeError) as e:                    # e.g. the disk filled up
+            shutil.rmtree(tmp, ignore_errors=True)
+            sys.exit(f"error: could not write the checkpoint of iteration {it} to {tmp} ({e}); "
+                     f"{path} still holds the previous one")
+        os.replace(os.path.join(tmp, "state.pt.part"), os.path.join(tmp, "state.pt"))
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+def find_checkpoint(path):
+    """The complete checkpoint at path, after finishing a swap a crash interrupted (ckpt.tmp complete: it is
+    the newer one; else ckpt.old). -> path, or None if there is none."""
+    done = lambda d: os.path.exists(os.path.join(d, "state.pt"))
+    if not done(path):
+        for d in (path + ".tmp", path + ".old"):
+            if done(d):
+                shutil.rmtree(path, ignore_errors=True)
+                os.replace(d, path)
+                break
+    return path if done(path) else None
+
+@contextmanager
+def deferred_interrupt():
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise it: a save is never left half done."""
+    hit = []
+    try:
+        prev = signal.signal(signal.SIGINT, lambda *a: hit.append(1))
+    except ValueError:                     # not the main thread (e.g. under a test runner): nothing to hold
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, prev)
+        if hit:
+            raise KeyboardInterrupt
+
+def prepare_out_dir(cfg, n_params, start):
+    """Check out_dir before any training: writable, enough free space for two checkpoints, not used by another
+    run (a lock file with our pid), not holding an old run unless resumed or --overwrite. On resume, cut
+    log.jsonl back to the checkpoint's iteration. -> the open log file."""
+    d = cfg["out_dir"]
+    try:
+        os.makedirs(d, exist_ok=True)
+        probe = os.path.join(d, ".write_test")
+        with open(probe, "w") as f:
+            f.write("x")
+        os.remove(probe)
+    except OSError as e:
+        sys.exit(f"error: out_dir {d} is not writable ({e.strerror or e}): pick another --out_dir")
+    need = 2 * 12 * n_params + (1 << 28)                        # fp32 weights + Adam's two moments, twice, + slack
+    free = shutil.disk_usage(d).free
+    if free < need:
+        sys.exit(f"error: out_dir {d} has {free / 2**30:.1f} GiB free; a checkpoint swap needs ~{need / 2**30:.1f} GiB")
+    lock = os.path.join(d, "lock")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(open(lock).read().strip() or 0)
+            if pid == os.getpid():                                  # our own, from an earlier main() in this process
+                raise ProcessLookupError
+            os.kill(pid, 0)                                         # raises if no such process
+            sys.exit(f"error: out_dir {d} is in use by a running train.py (pid {pid}); pick another --out_dir")
+        except (ValueError, ProcessLookupError):                    # a stale lock from a run that died: take it
+            os.remove(lock)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except PermissionError:
+            sys.exit(f"error: out_dir {d} is locked by another user's run ({lock})")
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    atexit.register(lambda: os.path.exists(lock) and open(lock).read() == str(os.getpid()) and os.remove(lock))
+    log_path = os.path.join(d, "log.jsonl")
+    if not cfg["resume"]:
+        old = [f for f in ("log.jsonl", "ckpt", "snapshots") if os.path.exists(os.path.join(d, f))]
+        if old and not cfg["overwrite"]:
+            sys.exit(f"error: out_dir {d} already holds a run ({', '.join(old)}): add --resume to continue it, "
+                     "--overwrite true to replace it, or pick another --out_dir")
+        for f in old:
+            p = os.path.join(d, f)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    elif os.path.exists(log_path):                                  # lines logged after the checkpoint are redone
+        keep = []
+        for line in open(log_path):
+            try:
+                if json.loads(line)["iter"] < start:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(log_path + ".tmp", log_path)
+    return open(log_path, "a")
+
+def load_state(ckpt):
+    """ckpt/state.pt -> dict, or exit with one line saying the file is damaged."""
+    f = os.path.join(ckpt, "state.pt")
+    try:
+        state = torch.load(f, weights_only=True)
+        assert isinstance(state, dict) and {"iter", "optimizer", "config", "snapshots"} <= set(state)
+        return state
+    except Exception as e:                   # pickle, zip and truncation errors all mean the same thing here
+        sys.exit(f"error: {f} is damaged or not a train.py checkpoint ({type(e).__name__}): "
+                 "restore it, or start a new run with --overwrite true")
 
 def save_snapshot(model, out_dir, it):
     from safetensors.torch import save_file
@@ -377,35 +485,44 @@ def metrics(ro, trained, cfg):
         m["coop_all"] = moves.float().mean().item()
     return m
 
+FIXED_ON_RESUME = ("env", "model_name", "n_rounds")    # what the checkpoint's policy and log are about
+
 def main(argv):
-    cfg = {k: v for k, v in globals().items() if k in CONFIG_KEYS}
+    # 0. config: the defaults, the command line, on --resume the checkpoint's config under what was given
+    cfg = parse_args(argv, {k: v for k, v in globals().items() if k in CONFIG_KEYS})
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-    cfg = resolve(parse_args(argv, cfg), given)
+    ckpt = os.path.join(cfg["out_dir"], "ckpt")
+    start, state = 0, None
+    if cfg["resume"]:
+        if not find_checkpoint(ckpt):
+            sys.exit(f"error: --resume but no checkpoint at {ckpt}")
+        state = load_state(ckpt)
+        start, old = state["iter"], state["config"]
+        missing = sorted(set(cfg) - set(old))                          # knobs added after that checkpoint
+        if missing:
+            print(f"resume: the checkpoint predates {', '.join(missing)}: using the current values")
+        for k in FIXED_ON_RESUME:
+            if k in given and k in old and cfg[k] != old[k]:
+                sys.exit(f"error: --{k} {cfg[k]} differs from the checkpoint's {old[k]!r}: a resumed run keeps it "
+                         "(start a new run in another --out_dir to change it)")
+        changed = [k for k in given if k in old and k not in ("resume", "device", "dtype") and cfg[k] != old[k]]
+        if changed:
+            print("resume: the command line changes " + ", ".join(f"{k} {old[k]!r} -> {cfg[k]!r}" for k in changed))
+        cfg = {**cfg, **{k: v for k, v in old.items() if k in cfg and k not in given}, "out_dir": cfg["out_dir"]}
+        for k in ("device", "dtype"):                                  # the machine decides these, not the checkpoint
+            if k not in given:
+                cfg[k] = globals()[k]
+    cfg = resolve(cfg, given)
     dev, dt = pick_device_dtype(cfg["device"], cfg["dtype"])
     cfg["device"], cfg["dtype"] = dev, dt
     torch.manual_seed(cfg["seed"])
-    ckpt = os.path.join(cfg["out_dir"], "ckpt")
-    start = 0
-    if cfg["resume"]:
-        if not os.path.exists(os.path.join(ckpt, "state.pt")):
-            sys.exit(f"error: --resume but no checkpoint at {ckpt}")
-        model, tok = load_dir(ckpt, dev, torch.float32)
-        state = torch.load(os.path.join(ckpt, "state.pt"), weights_only=True)
-        start = state["iter"]
-        missing = sorted(set(cfg) - set(state["config"]))               # knobs added after that checkpoint
-        if missing:
-            print(f"resume: the checkpoint predates {', '.join(missing)}: using the current values")
-        for k in ("max_iters", "device", "dtype", "resume", "out_dir"):
-            state["config"][k] = cfg[k]
-        cfg = {**cfg, **state["config"]}
-    else:
-        try:
-            model, tok = load_model(cfg["model_name"], dev, torch.float32)
-        except (OSError, RuntimeError, ValueError) as e:
-            sys.exit(f"error: {e}")
-        state = None
+    # 1. the policy, the run directory, the optimizer
+    try:
+        model, tok = load_dir(ckpt, dev, torch.float32) if state else load_model(cfg["model_name"], dev, torch.float32)
+    except (OSError, RuntimeError, ValueError) as e:
+        sys.exit(f"error: {e}")
     print("config: " + json.dumps(cfg))
-    os.makedirs(cfg["out_dir"], exist_ok=True)
+    log = prepare_out_dir(cfg, sum(p.numel() for p in model.parameters()), start)
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     autocast = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16) if dt == "bfloat16" else nullcontext()
@@ -413,14 +530,18 @@ def main(argv):
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     snapshots = []
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            sys.exit(f"error: {ckpt}/state.pt: the optimizer state does not fit this model ({e})")
+        for group in opt.param_groups:                                 # a resumed run takes the config's lr
+            group["lr"], group["weight_decay"] = cfg["lr"], cfg["weight_decay"]
         snapshots = [os.path.join(cfg["out_dir"], "snapshots", os.path.basename(f)) for f in state["snapshots"]]
     live = LMPolicy(model, tok, "live")
     opp, opp_model, fixed = setup_opponents(cfg, tok, dev, ckpt if state else None)
     ref_model = None                                                    # the frozen initial model of the KL term
     if cfg["kl_coef"] > 0:
         ref_model = load_model(cfg["model_name"], dev, torch.float32)[0].eval().requires_grad_(False)
-    log = open(os.path.join(cfg["out_dir"], "log.jsonl"), "a")
     G = cfg["n_games"]
     turns = cfg["n_rounds"] * (3 if cfg["env"] == "tas" else 1)
     for it in range(start, cfg["max_iters"]):
@@ -469,6 +590,10 @@ def main(argv):
         if save_now:
             save_checkpoint(model, tok, opt, it + 1, cfg, snapshots, ckpt)
     log.close()
+    os.remove(os.path.join(cfg["out_dir"], "lock"))
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except KeyboardInterrupt:
+        sys.exit("\ninterrupted: the last checkpoint in out_dir/ckpt is intact; continue with --resume")
