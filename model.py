@@ -249,14 +249,15 @@ class Transformer(nn.Module):
         """idx (B, T) -> logits (B, T, V), like nanoGPT."""
         return self.lm_head(self.hidden(idx)).float()
 
-    def token_logprobs(self, idx, mask, allowed=None, prefix_len=0):
+    def token_logprobs(self, idx, mask, allowed=None, prefix_len=0, temperature=1.0):
         """Training path. idx (B, T) right-padded, mask (B, T) bool marks the N tokens to score (never
         position 0). Returns fp32 log pi(idx[b, t]) and the policy entropy there, both (N,), row-major.
         allowed (N, K) long, -1 padded: renormalize over those tokens (constrained decoding's policy);
         a row of all -1 means unconstrained. The lm_head runs only at the N predicting positions.
-        prefix_len: the rows share their first prefix_len tokens (see hidden)."""
+        prefix_len: the rows share their first prefix_len tokens (see hidden). temperature: the policy
+        that sampled the tokens (logits / temperature), so the update stays on-policy."""
         h = self.hidden(idx, prefix_len=prefix_len)[:, :-1][mask[:, 1:]]               # (N, C): position t-1 predicts token t
-        logp_all = masked_log_softmax(self.lm_head(h).float(), allowed)  # (N, V)
+        logp_all = masked_log_softmax(self.lm_head(h).float() / temperature, allowed)  # (N, V)
         logp = logp_all.gather(1, idx[mask][:, None]).squeeze(1)
         p = logp_all.exp()
         entropy = -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
@@ -290,7 +291,9 @@ def masked_log_softmax(logits, allowed=None):
     if allowed is None:
         return logp
     free = (allowed < 0).all(1, keepdim=True)                                 # (N, 1)
-    keep = torch.zeros_like(logp, dtype=torch.bool).scatter_(1, allowed.clamp(min=0), allowed >= 0)
+    N, V = logp.shape                                     # padding (-1) goes to an extra column V, then dropped:
+    slot = torch.where(allowed < 0, V, allowed)           # no write ever lands on a real token id such as 0
+    keep = torch.zeros(N, V + 1, dtype=torch.bool, device=logp.device).scatter_(1, slot, True)[:, :V]
     logp = torch.where(keep | free, logp, float("-inf"))
     return logp - logp.logsumexp(-1, keepdim=True)
 

@@ -456,7 +456,7 @@ def test_update_direction(tiny_dir):
         ro, tok = play(tiny_dir, "split", n_games=2, group_size=1)
         model, _ = M.load_dir(tiny_dir, "cpu", torch.float32)
         trained = torch.ones(4, dtype=torch.bool)
-        cfg = dict(entropy_coef=0.0, kl_coef=0.0, micro_tokens=500, grad_clip=1.0)
+        cfg = dict(entropy_coef=0.0, kl_coef=0.0, micro_tokens=500, grad_clip=1.0, temperature=1.0, skip_no_signal=True)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         mask, allowed = TR.decision_tokens(ro)
         before = model.token_logprobs(ro.ids, mask, allowed[mask])[0].detach()
@@ -625,7 +625,7 @@ def test_non_finite_loss_skips_the_step(tiny_dir):
     model, _ = M.load_dir(tiny_dir, "cpu", torch.float32)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     before = [p.detach().clone() for p in model.parameters()]
-    cfg = dict(entropy_coef=0.0, kl_coef=0.0, micro_tokens=500, grad_clip=1.0)
+    cfg = dict(entropy_coef=0.0, kl_coef=0.0, micro_tokens=500, grad_clip=1.0, temperature=1.0, skip_no_signal=True)
     trained = torch.ones(4, dtype=torch.bool)
     s1 = TR.update(model, None, opt, ro, torch.full((4, 3), float("nan")), trained, cfg, nullcontext())
     s2 = TR.update(model, None, opt, ro, torch.zeros(4, 3), trained, cfg, nullcontext())
@@ -688,3 +688,69 @@ def test_resume_recovers_and_merges(tiny_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         TR.main(["--out_dir", str(d), "--resume", "--max_iters", "3"])
     assert "state.pt is damaged" in str(e.value)
+
+# -----------------------------------------------------------------------------
+# sampling stays on-policy, for any tokenizer
+
+@pytest.fixture(scope="module")
+def odd_dir(tmp_path_factory):
+    """A tiny model with a hand-trained 400-token BPE and a ChatML template: '<A>' is one token while '<B>'
+    is '<' + 'B>' (SmolLM2 splits both as '<', 'A'/'B', '>'), and id 0 is a real token ('!')."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    corpus = [E.make_game(e, 0).intro for e in E.GAMES] * 5 + ["<A> <B> <A> <A>", "The other agent played <A>."] * 50
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["!", "<|im_start|>", "<|im_end|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", bos_token="<|im_start|>")
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    cfg = M.Config(vocab_size=400, n_embd=32, n_layer=2, n_head=4, n_kv_head=2, head_dim=8, n_hidden=64)
+    torch.manual_seed(0)
+    model = M.Transformer(cfg)
+    model.hf_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 400,
+                       "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "num_key_value_heads": 2, "head_dim": 8, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                       "tie_word_embeddings": True}
+    d = str(tmp_path_factory.mktemp("odd"))
+    M.save_pretrained(model, tok, d)
+    return d
+
+def test_masked_log_softmax_with_token_zero():
+    """Padding (-1) never writes onto token id 0: rows allowing {0, 3}, {3}, every token, and {0} alone."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5)
+    allowed = torch.tensor([[3, 0], [3, -1], [-1, -1], [0, -1]])
+    lp = M.masked_log_softmax(torch.cat([logits, logits[:1]]), allowed)
+    assert lp[3, 0] == 0 and torch.isinf(lp[3, 1:]).all()
+    ref0 = torch.full((5,), float("-inf"))
+    ref0[[0, 3]] = torch.log_softmax(logits[0, [0, 3]], -1)
+    assert torch.allclose(lp[0], ref0) and lp[1, 3] == 0 and torch.isinf(lp[1, 0])
+    assert torch.allclose(lp[2], torch.log_softmax(logits[2], -1))
+
+@pytest.mark.parametrize("which", ["tiny", "odd"])
+@pytest.mark.parametrize("env,temperature", [("ipd", 1.0), ("tas", 1.0), ("ipd", 0.7)])
+def test_sampler_logprobs_equal_training_logprobs(tiny_dir, odd_dir, which, env, temperature):
+    """On-policy: the log-prob the sampler drew each token with equals what the loss scores (fp32, cached
+    incremental decode vs one full forward: 1e-4), at the sampling temperature, for both tokenizers."""
+    model, tok = M.load_dir(tiny_dir if which == "tiny" else odd_dir, "cpu", torch.float32)
+    ro = R.rollout(env, [R.LMPolicy(model, tok)], torch.zeros(2, 2, dtype=torch.long), 2, seed=1, n_rounds=2,
+                   temperature=temperature, max_msg_tokens=8)
+    assert not ro.invalid.any()
+    logp, _ = model.token_logprobs(ro.ids, ro.action_mask, ro.allowed, temperature=temperature)
+    assert torch.allclose(logp, ro.sampler_logp[ro.action_mask], atol=1e-4)
+
+def test_memory_one_any_tokenizer(odd_dir):
+    """The readout finds the choice where '<A>' and '<B>' part, here at their first token, and equals the
+    masked probability computed by hand from the model's logits."""
+    model, tok = M.load_dir(odd_dir, "cpu", torch.float32)
+    pol = R.LMPolicy(model, tok)
+    v = R.memory_one(pol)
+    a, b = (pol.chat.encode(s) for s in ("<A>", "<B>"))
+    assert a[0] != b[0]                                       # the split that broke the old readout
+    g = E.make_game("ipd", 0, 2)
+    shared, first = pol.chat.first(g.intro, g.observe(0)[len(g.intro):])
+    logits = model(torch.tensor([shared + first]))[0, -1]
+    assert v["opening"] == pytest.approx(torch.softmax(logits[[a[0], b[0]]], -1)[0].item(), abs=1e-5)

@@ -261,12 +261,12 @@ def update(model, ref_model, opt, ro, credit, trained, cfg, autocast):
         allowed = allowed_all[mb, :L][decision[mb, :L]].to(dev)
         P = shared_prefix(ids, mask)
         with autocast:
-            logp, ent = model.token_logprobs(ids, mask, allowed, P)
+            logp, ent = model.token_logprobs(ids, mask, allowed, P, cfg["temperature"])
         c = tok_credit[mb, :L][decision[mb, :L]].to(dev)
         loss = -(c * logp).sum() - cfg["entropy_coef"] * ent.sum()
         if ref_model is not None and cfg["kl_coef"] > 0:
             with torch.no_grad(), autocast:
-                ref_logp, _ = ref_model.token_logprobs(ids, mask, allowed, P)
+                ref_logp, _ = ref_model.token_logprobs(ids, mask, allowed, P, cfg["temperature"])
             diff = ref_logp - logp
             k3 = diff.exp() - diff - 1                                # k3 estimator of KL(pi || pi_ref)
             loss = loss + cfg["kl_coef"] * k3.sum()
