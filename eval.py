@@ -20,69 +20,20 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
-import time
-import urllib.error
-import urllib.request
 
 import torch
 
 import envs
-from model import load_model
-from rollout import MEMORY_ONE, FixedPolicy, LMPolicy, memory_one, rollout
+from model import check_device, load_model
+from rollout import MEMORY_ONE, ApiPolicy, FixedPolicy, HumanPolicy, LMPolicy, cooperation, memory_one, rollout
 
 CLASSIC = {"TFT": (1, 1, 0, 1, 0), "WSLS": (1, 1, 0, 0, 1), "Grudger": (1, 1, 0, 0, 0), "ALLC": (1, 1, 1, 1, 1),
            "ALLD": (0, 0, 0, 0, 0), "GTFT": (1, 1, 1 / 3, 1, 1 / 3)}  # (opening, CC, CD, DC, DD)
 
-# -----------------------------------------------------------------------------
-# text policies beyond the paper: an OpenAI-compatible endpoint, a person
-
-class ApiPolicy:
-    """A chat model behind an OpenAI-compatible /chat/completions endpoint. Replies that fail (timeout,
-    HTTP error, malformed JSON) after the retries count as empty, i.e. invalid moves, and are tallied."""
-    def __init__(self, url, model, timeout=30.0, retries=2):
-        self.url, self.model_id, self.timeout, self.retries = url.rstrip("/"), model, timeout, retries
-        self.name = f"api:{model}"
-        self.key = os.environ.get("OPENAI_API_KEY", "")
-        self.history, self.failures = {}, 0
-
-    def reply(self, game, p, text, rng):
-        msgs = self.history.setdefault((id(game), p), [{"role": "system", "content": "You are a player in a game."}])
-        msgs.append({"role": "user", "content": text})
-        body = json.dumps({"model": self.model_id, "messages": msgs, "temperature": 1.0, "max_tokens": 200}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.key:
-            headers["Authorization"] = "Bearer " + self.key
-        answer = None
-        for attempt in range(self.retries + 1):
-            try:
-                req = urllib.request.Request(self.url + "/chat/completions", data=body, headers=headers)
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    answer = json.loads(r.read())["choices"][0]["message"]["content"]
-                if isinstance(answer, str):
-                    break
-                answer = None
-            except (OSError, ValueError, KeyError, IndexError, TypeError, urllib.error.URLError):
-                pass                             # counted below; nothing printed: the request carries the key
-            time.sleep(0.2 * (attempt + 1) if attempt < self.retries else 0)
-        if answer is None:
-            self.failures += 1
-            answer = ""
-        msgs.append({"role": "assistant", "content": answer})
-        return answer
-
-class HumanPolicy:
-    name = "human"
-
-    def reply(self, game, p, text, rng):
-        print(f"\n[game {id(game) % 1000}, you are player {p}] {text}")
-        try:
-            return input("> ")
-        except EOFError:
-            return ""
-
-def make_policy(spec, env, device="cpu", cache=None):
-    """A POLICY string -> a policy object (LM policies loaded once per spec via cache)."""
+def make_policy(spec, env, device="cpu", cache=None, api=None):
+    """A POLICY string -> a policy object (LM policies loaded once per spec via cache). api: ApiPolicy settings."""
     cache = {} if cache is None else cache
     if spec in cache:
         return cache[spec]
@@ -92,9 +43,9 @@ def make_policy(spec, env, device="cpu", cache=None):
         pol = HumanPolicy()
     elif spec.startswith("api:"):
         url, _, model_id = spec[4:].rpartition(":")
-        if not url.startswith("http"):
-            raise ValueError(f"bad api policy {spec!r}: use api:http://HOST:PORT/v1:MODEL")
-        pol = ApiPolicy(url, model_id)
+        if not url.startswith("http") or not model_id or re.fullmatch(r"\d+(/.*)?", model_id):  # ':8000/v1' is a port
+            raise ValueError(f"bad api policy {spec!r}: use api:http://HOST:PORT/v1:MODEL (the model name is required)")
+        pol = ApiPolicy(url, model_id, **(api or {}))
     else:
         try:
             model, tok = load_model(spec, device, torch.float32)
@@ -116,6 +67,7 @@ def faceoff(env, pa, pb, n_games, seed=0, n_rounds=10, group_size=1, temperature
     if group_size > 1:       # keep groups on one seat order so that both orders see the same env draws
         a_seat0 = (torch.arange(n_games) // group_size) % 2 == 0
     seat_policy = torch.stack([torch.where(a_seat0, 0, b), torch.where(a_seat0, b, 0)], 1)
+    failed_before = {id(p): p.failures for p in (pa, pb) if isinstance(p, ApiPolicy)}
     with torch.no_grad():
         ro = rollout(env, policies, seat_policy, n_games, seed=seed, group_size=group_size, n_rounds=n_rounds,
                      temperature=temperature, max_msg_tokens=max_msg_tokens)
@@ -128,12 +80,12 @@ def faceoff(env, pa, pb, n_games, seed=0, n_rounds=10, group_size=1, temperature
            "invalid_a": ro.invalid[a_row].float().mean().item(), "invalid_b": ro.invalid[b_row].float().mean().item(),
            "n_games": n_games}
     if env == "ipd":
-        coop = torch.tensor([[i["moves"][s] == "A" for i in g.info] for g in ro.games for s in (0, 1)]).float()
+        coop = cooperation(ro).float()
         out.update(coop_a=coop[a_row].mean().item(), coop_b=coop[b_row].mean().item(),
                    coop_by_round_a=coop[a_row].mean(0).tolist(), coop_by_round_b=coop[b_row].mean(0).tolist())
     for who, pol in (("a", pa), ("b", pb)):
         if isinstance(pol, ApiPolicy):
-            out[f"api_failures_{who}"] = pol.failures
+            out[f"api_failures_{who}"] = pol.failures - failed_before[id(pol)]
     return out, ro, a_seat0
 
 def se(x):
@@ -153,6 +105,12 @@ def faceoff_table(env, names, fig):
                  for who, name in zip("ab", names)]
     rows.append(f"\ncollective welfare (sum per round): {fig['welfare']:.3f} ± {fig['se_welfare']:.3f} "
                 f"over {fig['n_games']} games (both seat orders)")
+    for who, name in zip("ab", names):
+        n = fig.get(f"api_failures_{who}", 0)
+        if n:
+            rows.append(f"WARNING: {name} failed to answer {n} time(s) (after retries); each failure was played as "
+                        "an empty reply, i.e. an invalid move (the least cooperative one): these numbers are not a "
+                        "fair measure of that model")
     return "\n".join(rows)
 
 def transcript(env, names, ro, a_seat0, k, path):
@@ -290,6 +248,9 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max_msg_tokens", type=int, default=48)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--api_timeout", type=float, default=30.0, help="api: seconds per request (capped at 300)")
+    ap.add_argument("--api_retries", type=int, default=2, help="api: retries per reply (capped at 5)")
+    ap.add_argument("--api_max_reply_chars", type=int, default=2000, help="api: longer replies are cut (kept and re-sent)")
     ap.add_argument("--matrix", help="P1,P2,...: face-off matrix of every ordered pair")
     ap.add_argument("--memory_one", action="store_true", help="ipd: exact P(C) of --a at opening, CC, CD, DC, DD")
     ap.add_argument("--best_response", action="store_true", help="ipd: exact best response to --a's memory-one readout")
@@ -307,6 +268,15 @@ def main(argv=None):
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.n_games < 1 or args.n_rounds < 1 or args.group_size < 1 or args.n_games % args.group_size:
         ap.error("need n_games >= 1, n_rounds >= 1 and n_games a multiple of group_size")
+    if args.temperature < 0:
+        ap.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.transcript and not os.path.isdir(os.path.dirname(os.path.abspath(args.transcript_file))):
+        ap.error(f"--transcript_file {args.transcript_file}: its directory does not exist")
+    try:
+        check_device(args.device)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    api = dict(timeout=args.api_timeout, retries=args.api_retries, max_reply_chars=args.api_max_reply_chars)
     cache = {}
     try:
         if args.plot:
@@ -317,7 +287,7 @@ def main(argv=None):
         elif args.memory_one or args.best_response:
             if args.env != "ipd" or not args.a:
                 ap.error("--memory_one and --best_response need --env ipd and --a POLICY")
-            v = memory_one(make_policy(args.a, "ipd", args.device, cache))
+            v = memory_one(make_policy(args.a, "ipd", args.device, cache, api))
             name, dist = nearest_classic(v)
             print("| opening | after CC | after CD | after DC | after DD |\n|---|---|---|---|---|\n| " +
                   " | ".join(f"{v[k]:.3f}" for k in MEMORY_ONE) + " |")
@@ -342,7 +312,7 @@ def main(argv=None):
                                   "frozen": [r["reward_opponent"] for r in log]}))
         elif args.matrix:
             names = [s for s in args.matrix.split(",") if s]
-            pols = [make_policy(s, args.env, args.device, cache) for s in names]
+            pols = [make_policy(s, args.env, args.device, cache, api) for s in names]
             M = [[faceoff(args.env, pa, pb, args.n_games, args.seed, args.n_rounds, args.group_size,
                           args.temperature, args.max_msg_tokens)[0]["reward_a"] for pb in pols] for pa in pols]
             print("| row vs column | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
@@ -354,8 +324,8 @@ def main(argv=None):
         else:
             if not args.a:
                 ap.error("give --a POLICY (and --b POLICY), or one of --matrix, --memory_one, --exploit, --plot")
-            pa = make_policy(args.a, args.env, args.device, cache)
-            pb = make_policy(args.b or args.a, args.env, args.device, cache)
+            pa = make_policy(args.a, args.env, args.device, cache, api)
+            pb = make_policy(args.b or args.a, args.env, args.device, cache, api)
             fig, ro, a_seat0 = faceoff(args.env, pa, pb, args.n_games, args.seed, args.n_rounds, args.group_size,
                                        args.temperature, args.max_msg_tokens)
             print(faceoff_table(args.env, [args.a, args.b or args.a], fig))
@@ -366,6 +336,8 @@ def main(argv=None):
                 print(json.dumps(fig))
     except ValueError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("\ninterrupted")
 
 def _has_mpl():
     try:

@@ -547,7 +547,8 @@ def test_best_response_references():
     assert abs(br["exploiter"] - (0.3 * 5 + 0.7 * 1)) < 1e-9
 
 def fake_server(mode):
-    """An OpenAI-style endpoint on 127.0.0.1 that answers well, answers garbage, hangs, or fails."""
+    """An OpenAI-style endpoint on 127.0.0.1 that answers well or misbehaves in one way: garbage JSON, a hang,
+    HTTP 500, a short body, a bad status line, deeply nested JSON, a 30 MB reply."""
     import http.server
     import threading
 
@@ -558,47 +559,81 @@ def fake_server(mode):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             H.seen.append(self.headers.get("Authorization"))
+            H.sizes.append(len(json.dumps(body)))
+            H.convs.append(body["messages"])
             if mode == "500":
                 self.send_response(500); self.end_headers(); return
+            if mode == "badstatus":
+                self.wfile.write(b"HTTP/1.1 OK-ish nonsense\r\n\r\n"); return
             if mode == "timeout":
                 time.sleep(1.0)
-            text = {"good": "<A>", "garbage": "I refuse to answer", "timeout": "<A>"}[mode]
-            out = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}) if mode != "garbage" or \
-                len(body["messages"]) % 2 else "{not json"
-            self.send_response(200); self.send_header("Content-Type", "application/json"); self.end_headers()
+            text = {"garbage": "I refuse to answer", "huge": "<A>" + "x" * 30_000_000}.get(mode, "<A>")
+            out = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]})
+            if mode == "garbage" and not len(body["messages"]) % 2:
+                out = "{not json"
+            if mode == "nested":
+                out = "[" * 100_000 + "]" * 100_000
+            data = out.encode()
+            self.send_response(200); self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data))); self.end_headers()
             try:
-                self.wfile.write(out.encode())
+                self.wfile.write(data[:len(data) // 2] if mode == "incomplete" else data)
             except OSError:
                 pass
-    H.seen = []
+    H.seen, H.sizes, H.convs = [], [], []
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    return srv, H.seen
+    return srv, H
 
 import time
 
-@pytest.mark.parametrize("mode,invalid", [("good", 0.0), ("garbage", 1.0), ("timeout", 1.0), ("500", 1.0)])
+@pytest.mark.parametrize("mode,invalid", [("good", 0.0), ("garbage", 1.0), ("timeout", 1.0), ("500", 1.0),
+                                          ("incomplete", 1.0), ("badstatus", 1.0), ("nested", 1.0), ("huge", 1.0)])
 def test_api_opponent(mode, invalid, monkeypatch, capsys):
-    """Games against an HTTP chat endpoint complete; failures and bad replies count as invalid; the API
-    key is sent in the header and never printed."""
+    """Games against an HTTP chat endpoint complete whatever the endpoint does; failures count as invalid and
+    are reported with a warning; a 30 MB reply is a failure, read only up to the size cap and never re-sent;
+    the API key is sent in the header and never printed."""
     monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-123")
-    srv, seen = fake_server(mode)
+    srv, H = fake_server(mode)
     try:
         url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
-        pol = EV.make_policy(f"api:{url}:fake-model", "ipd")
-        pol.timeout, pol.retries = 0.3, 1
+        pol = EV.make_policy(f"api:{url}:fake-model", "ipd", api=dict(timeout=0.3, retries=1))
         fig = EV.faceoff("ipd", R.FixedPolicy("ipd", "tit_for_tat"), pol, 2, n_rounds=3)[0]
         assert fig["invalid_b"] == invalid and fig["invalid_a"] == 0
         if mode == "good":
-            assert fig["coop_b"] == 1 and fig["reward_a"] == 3
-        else:
-            assert fig["api_failures_b"] > 0 or mode == "garbage"
-        print(EV.faceoff_table("ipd", ["tft", "api"], fig), json.dumps(fig))
-        assert seen and all(h == "Bearer sk-secret-123" for h in seen)
+            assert fig["coop_b"] == 1 and fig["reward_a"] == 3 and fig["api_failures_b"] == 0
+        elif mode != "garbage":
+            assert fig["api_failures_b"] > 0
+        table = EV.faceoff_table("ipd", ["tft", "api"], fig)
+        assert ("not a fair measure" in table) == (fig["api_failures_b"] > 0)
+        print(table, json.dumps(fig))
+        assert H.seen and all(h == "Bearer sk-secret-123" for h in H.seen)
+        assert max(H.sizes) < 20_000                           # the 30 MB reply was not re-sent
     finally:
         srv.shutdown()
     out = capsys.readouterr()
     assert "sk-secret-123" not in out.out + out.err
+
+def test_api_histories_belong_to_games_and_dead_endpoints_stop():
+    """A game never inherits another game's conversation (ids are reused once a game is freed), an endpoint
+    that keeps failing is given up after max_fails in a row, and api:URL without a model is refused."""
+    srv, H = fake_server("good")
+    try:
+        pol = R.ApiPolicy(f"http://127.0.0.1:{srv.server_address[1]}/v1", "m")
+        for _ in range(3):
+            EV.faceoff("ipd", R.FixedPolicy("ipd", "cooperator"), pol, 1, n_rounds=2)
+        firsts = [c for c in H.convs if len(c) == 2]           # system + the first user message
+        assert len(firsts) == 3 and all(len(c) <= 4 for c in H.convs)
+    finally:
+        srv.shutdown()
+    dead = R.ApiPolicy("http://127.0.0.1:9/v1", "m", timeout=0.2, retries=0, max_fails=2)
+    g = E.make_game("ipd", 0, 5)
+    t0 = time.time()
+    for _ in range(5):
+        dead.reply(g, 0, "x", None)
+    assert dead.failures == 5 and dead.calls == 5 and time.time() - t0 < 5
+    with pytest.raises(ValueError, match="model name is required"):
+        EV.make_policy("api:http://127.0.0.1:8000/v1", "ipd")
 
 def test_shared_prefix_training_path_is_exact(smol):
     """Computing a shared prompt prefix once (training path) gives the same log-probs and gradients."""
@@ -754,3 +789,19 @@ def test_memory_one_any_tokenizer(odd_dir):
     shared, first = pol.chat.first(g.intro, g.observe(0)[len(g.intro):])
     logits = model(torch.tensor([shared + first]))[0, -1]
     assert v["opening"] == pytest.approx(torch.softmax(logits[[a[0], b[0]]], -1)[0].item(), abs=1e-5)
+
+def test_eval_cli_errors(monkeypatch, tmp_path):
+    """Bad eval.py input is one line: a negative temperature, a transcript in a missing directory (before any
+    game is played), a device this torch lacks, and a human whose input ends."""
+    import io
+    for argv, msg in [(["--a", "cooperator", "--temperature", "-1"], "--temperature"),
+                      (["--a", "cooperator", "--transcript", "1", "--transcript_file", str(tmp_path / "no" / "t.md")],
+                       "does not exist")]:
+        with pytest.raises(SystemExit):
+            EV.main(argv)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no usable CUDA"):
+            EV.main(["--a", "cooperator", "--device", "cuda"])
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    with pytest.raises(SystemExit, match="input ended"):
+        EV.main(["--a", "cooperator", "--b", "human", "--n_games", "1"])

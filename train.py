@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 import advantage
 import envs
-from model import load_dir, load_model, save_pretrained
-from rollout import FixedPolicy, LMPolicy, memory_one, rollout
+from model import check_device, load_dir, load_model, save_pretrained
+from rollout import FixedPolicy, LMPolicy, cooperation, memory_one, rollout
 
 # -----------------------------------------------------------------------------
 # config: every knob, with its default. Override with --key value or --key=value.
@@ -166,27 +166,16 @@ def resolve(cfg, given=()):
                  f"({', '.join(envs.STRATEGIES[cfg['env']])})")
     return cfg
 
-def check_device(dev):
-    """Exit with one line if dev is not a usable device of this torch build."""
-    try:
-        d = torch.device(dev)
-    except RuntimeError:
-        sys.exit(f"error: --device {dev!r} is not a device: use auto, cpu, cuda or cuda:N")
-    if d.type == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"error: --device {dev} but this torch has no usable CUDA (build {torch.__version__}): "
-                 "use --device cpu, or install a CUDA build of torch")
-    if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
-        sys.exit(f"error: --device {dev} but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if d.type not in ("cpu", "cuda"):
-        sys.exit(f"error: --device {dev}: only cpu and cuda are supported")
-
 def pick_device_dtype(dev, dt):
     """CUDA when present. dtype auto: bf16 autocast on CUDA, fp32 on a CPU. Not a speed test: the dtype
     changes what is learned (MEASURED.md), so a CPU run gives the same numbers on any CPU unless
     --dtype bfloat16 is asked for (faster on CPUs with bf16 instructions; its own results)."""
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
-    check_device(dev)
+    try:
+        check_device(dev)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if dt == "auto":
         dt = "bfloat16" if dev.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
     if dt not in ("float32", "bfloat16"):
@@ -480,7 +469,7 @@ def metrics(ro, trained, cfg):
     if not trained.all():
         m["reward_opponent"] = r[~trained].mean().item()
     if cfg["env"] == "ipd":
-        moves = torch.tensor([[i["moves"][s] == "A" for i in g.info] for g in ro.games for s in (0, 1)])
+        moves = cooperation(ro)                                       # (N, T)
         m["coop"] = moves[trained].float().mean().item()
         m["coop_all"] = moves.float().mean().item()
     return m
