@@ -1,16 +1,24 @@
 """
-bench.py: how fast is one default training iteration (ipd, the embedded SmolLM2-135M-Instruct, 16 games),
-against transformers' own LlamaForCausalLM on the same weights and the same inputs, measured in one run.
+bench.py: how fast is one training iteration (rollout + update) on this device, against transformers' own
+model on the same weights, the same inputs and the same device, measured in one run.
 
-    python bench.py                 # ~6 minutes on 2 CPU cores; run it on an otherwise idle machine
-    python bench.py --n_games 8     # quicker
+    python bench.py                                   # ipd, embedded SmolLM2-135M, 16 games, CPU: ~6 minutes
+    python bench.py --n_games 8                       # quicker
+    python bench.py --device cuda --n_games 128       # one GPU
+    python bench.py --device cuda --model random:qwen2.5-1.5b --env tas --n_games 64 --max_msg_tokens 128 --baseline false
 
 Ours: rollout.py (persistent KV cache, shared prompt prefix, constrained decoding) and train.update
-(shared-prefix forward+backward, lm_head only at decision tokens, Adam step).
-Baselines: (a) every turn, transformers `generate` on each whole conversation so far (how a typical
-script plays multi-turn games), replaying our exact conversations; (b) the same loss with transformers'
-forward+backward (hidden states of every row, lm_head at the same positions) plus the same Adam step.
-MFU = useful model FLOPs / seconds / this machine's matmul peak, measured here. The last line is JSON.
+(shared-prefix forward+backward, lm_head only at decision tokens, Adam step), in the dtype train.py picks
+(--dtype auto: bf16 autocast on CUDA, fp32 on a CPU).
+Baselines: (a) every round, transformers `generate` on each whole conversation so far (how a typical script
+plays multi-turn games), replaying our exact conversations; (b) the same loss with transformers'
+forward+backward plus the same Adam step.
+Figures: seconds and tokens/s per phase; MFU = useful model FLOPs / seconds / the device's matmul peak in
+that dtype, measured here; decode_step_ms = the rollout's wall time outside its prefill calls (more than 8
+new tokens per row) per decode call; engine_overhead = rollout wall time / the time of the same model calls
+(same batch, chunk and cache shapes) replayed alone; bandwidth_util = bytes a decode step must read (weights
++ the KV cache in use) / measured memory bandwidth / decode_step_ms. On CUDA every timer synchronizes.
+The last line is one JSON object.
 """
 import argparse
 import json
@@ -20,26 +28,50 @@ import time
 
 import torch
 
-import advantage
 import train
-from model import embedded_dir, load_model, masked_log_softmax
+from model import KVCache, load_model, masked_log_softmax
 from rollout import LMPolicy, rollout
 
-def matmul_peak(dtype, reps=5):
-    """Best GFLOP/s of F.linear (the path the model takes) over a square shape and the model's own MLP
-    shapes, median of reps each."""
-    best = 0.0
-    for m, k, n in ((1024, 1024, 1024), (512, 576, 1536), (2048, 576, 1536)):
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+# -----------------------------------------------------------------------------
+# the device
+
+def clock(dev):
+    """A timer that waits for the device's queued work first."""
+    def now():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
+    return now
+
+def matmul_peak(dev, dtype, reps=5):
+    """Best FLOP/s of F.linear over a few shapes (median of reps each): the denominator of MFU."""
+    now, best = clock(dev), 0.0
+    shapes = ((4096, 4096, 4096), (8192, 2048, 8192)) if dev.type == "cuda" else ((1024, 1024, 1024), (512, 576, 1536))
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, dtype=dtype, device=dev), torch.randn(n, k, dtype=dtype, device=dev)
         for _ in range(2):
             torch.nn.functional.linear(a, b)
         times = []
         for _ in range(reps):
-            t0 = time.perf_counter()
+            t0 = now()
             torch.nn.functional.linear(a, b)
-            times.append(time.perf_counter() - t0)
-        best = max(best, 2 * m * k * n / statistics.median(times) / 1e9)
+            times.append(now() - t0)
+        best = max(best, 2 * m * k * n / statistics.median(times))
     return best
+
+def bandwidth(dev, reps=5):
+    """Bytes/s of a large device-to-device copy (read + write)."""
+    now = clock(dev)
+    n = (1 << 30) if dev.type == "cuda" else (1 << 27)
+    a = torch.empty(n, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    times = []
+    for _ in range(reps):
+        t0 = now()
+        b.copy_(a)
+        times.append(now() - t0)
+    return 2 * n / statistics.median(times)
 
 def fwd_flops(model, n_tokens, n_logits):
     """Forward FLOPs: 2 per weight per token (embedding lookup excluded) + the lm_head where it runs."""
@@ -47,12 +79,51 @@ def fwd_flops(model, n_tokens, n_logits):
     n_body = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
     return 2 * n_body * n_tokens + 2 * cfg.vocab_size * cfg.n_embd * n_logits
 
+# -----------------------------------------------------------------------------
+# our rollout, with every model call recorded, then replayed alone
+
+def timed_rollout(model, env, pol, G, cfg, seed, autocast, now):
+    """Our rollout with model.extend wrapped: -> (Rollout, wall s, calls [(B, T, cache slots, lengths, s)])."""
+    calls, inner = [], model.extend
+    def extend(cache, idx, lengths):
+        t0 = now()
+        out = inner(cache, idx, lengths)
+        calls.append((idx.size(0), idx.size(1), cache.len - idx.size(1), cache.k.size(3), lengths.clone(), now() - t0))
+        return out
+    model.extend = extend
+    try:
+        t0 = now()
+        with autocast:
+            ro = rollout(env, [pol], torch.zeros(G, 2, dtype=torch.long), G, seed=seed, group_size=cfg["group_size"],
+                         n_rounds=cfg["n_rounds"], max_msg_tokens=cfg["max_msg_tokens"])
+        wall = now() - t0
+    finally:
+        del model.extend
+    return ro, wall, calls
+
 @torch.no_grad()
-def hf_rollout_baseline(hf, ro, eot):
-    """Replay our conversations turn by turn with transformers generate on the whole history."""
+def replay(model, calls, autocast, now, dev):
+    """The same extend calls at the same shapes, with nothing around them: the model's share of the rollout."""
+    total = 0.0
+    for B, T, s0, S, lengths, _ in calls:
+        cache = KVCache(model.cfg, B, S, dev, model.lm_head.weight.dtype)
+        cache.len, cache.valid[:, :s0] = s0, True
+        idx = torch.randint(model.cfg.vocab_size, (B, T), device=dev)
+        with autocast:
+            t0 = now()
+            model.extend(cache, idx, lengths.to(dev))
+            total += now() - t0
+    return total
+
+# -----------------------------------------------------------------------------
+# transformers baselines
+
+@torch.no_grad()
+def hf_rollout_baseline(hf, ro, eot, dev, autocast, now):
+    """Replay our conversations round by round with transformers generate on the whole history."""
     N = ro.ids.size(0)
     n_turns = int(ro.token_round.max()) + 1
-    t0 = time.perf_counter()
+    t0 = now()
     for t in range(n_turns):
         starts, news = [], []
         for i in range(N):
@@ -65,97 +136,142 @@ def hf_rollout_baseline(hf, ro, eot):
         for i, s in enumerate(starts):               # left padding, as generate wants
             idx[i, L - s:] = ro.ids[i, :s]
             att[i, L - s:] = 1
-        hf.generate(input_ids=idx, attention_mask=att, max_new_tokens=max(news), min_new_tokens=max(news),
-                    do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=eot)
-    return time.perf_counter() - t0
+        with autocast:
+            hf.generate(input_ids=idx.to(dev), attention_mask=att.to(dev), max_new_tokens=max(news),
+                        min_new_tokens=max(news), do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=eot)
+    return now() - t0
 
-def hf_update_baseline(hf, opt, ro, credit, trained, micro_tokens):
+def hf_update_baseline(hf, opt, ro, credit, trained, micro_tokens, dev, autocast, now):
     """The same token-level loss with transformers' forward+backward, plus the same Adam step."""
     tok_credit = train.token_credits(ro, credit)
     decision, allowed_all = train.decision_tokens(ro)
     decision &= trained[:, None]
     n_tok = int(decision.sum())
-    t0 = time.perf_counter()
+    t0 = now()
     opt.zero_grad(set_to_none=True)
     for mb in train.micro_batches(trained.nonzero().flatten().tolist(), ro.length, micro_tokens):
         L = int(ro.length[mb].max())
-        ids, mask = ro.ids[mb, :L], decision[mb, :L]
-        att = (torch.arange(L)[None] < ro.length[mb][:, None]).long()
-        h = hf.model(input_ids=ids, attention_mask=att).last_hidden_state[:, :-1][mask[:, 1:]]
-        logp_all = masked_log_softmax(hf.lm_head(h).float(), allowed_all[mb, :L][mask])
+        ids, mask = ro.ids[mb, :L].to(dev), decision[mb, :L].to(dev)
+        att = (torch.arange(L)[None] < ro.length[mb][:, None]).long().to(dev)
+        with autocast:
+            h = hf.model(input_ids=ids, attention_mask=att).last_hidden_state[:, :-1][mask[:, 1:]]
+            logits = hf.lm_head(h).float()
+        logp_all = masked_log_softmax(logits, allowed_all[mb, :L][decision[mb, :L]].to(dev))
         logp = logp_all.gather(1, ids[mask][:, None]).squeeze(1)
-        (-(tok_credit[mb, :L][mask] * logp).sum() / n_tok).backward()
+        (-(tok_credit[mb, :L][decision[mb, :L]].to(dev) * logp).sum() / n_tok).backward()
     torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
     opt.step()
-    return time.perf_counter() - t0
+    return now() - t0
+
+def hf_twin(model, dev):
+    """transformers' own model class with our weights (parameter names are the same)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    hf_cfg = AutoConfig.for_model(**model.hf_config)
+    hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).to(dev)
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all("lm_head" in k or "rotary" in k for k in missing), (missing, unexpected)
+    return hf.eval()
+
+# -----------------------------------------------------------------------------
 
 def main():
-    ap = argparse.ArgumentParser(description="benchmark one default ipd training iteration against transformers")
+    ap = argparse.ArgumentParser(description="benchmark one training iteration against transformers, on any device")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    ap.add_argument("--model", default="smollm2-135m", help="embedded model, checkpoint dir, or random:SHAPE "
+                    "(smollm2-135m, qwen2.5-1.5b, qwen2.5-7b)")
+    ap.add_argument("--env", default="ipd", choices=["ipd", "split", "tas"])
     ap.add_argument("--n_games", type=int, default=16)
+    ap.add_argument("--max_msg_tokens", type=int, default=32)
+    ap.add_argument("--baseline", default="true", choices=["true", "false"], help="also time transformers")
     ap.add_argument("--repeats", type=int, default=2, help="timed repeats of our rollout and update (median)")
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
-    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-    print(f"matmul peak on this machine: fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s "
-          f"({torch.get_num_threads()} threads)")
-    cfg = train.resolve({k: getattr(train, k) for k in train.CONFIG_KEYS} | {"n_games": args.n_games})
-    model, tok = load_model()
+    dev_name, dt = train.pick_device_dtype(args.device, "auto")
+    dev = torch.device(dev_name)
+    now = clock(dev)
+    dtype = torch.bfloat16 if dt == "bfloat16" else torch.float32
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dt == "bfloat16")
+    peak32, peak16, bw = matmul_peak(dev, torch.float32), matmul_peak(dev, torch.bfloat16), bandwidth(dev)
+    peak = peak16 if dt == "bfloat16" else peak32
+    print(f"{dev_name} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'}): "
+          f"matmul fp32 {peak32 / 1e12:.2f} TFLOP/s, bf16 {peak16 / 1e12:.2f} TFLOP/s, copy {bw / 1e9:.0f} GB/s; "
+          f"our dtype {dt}")
+    cfg = train.resolve({k: getattr(train, k) for k in train.CONFIG_KEYS} |
+                        {"env": args.env, "n_games": args.n_games, "max_msg_tokens": args.max_msg_tokens})
+    try:
+        model, tok = load_model(args.model, dev, torch.float32)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
     pol = LMPolicy(model, tok)
     G = args.n_games
     trained = torch.zeros(2 * G, dtype=torch.bool)
-    trained[2 * torch.arange(G) + (torch.arange(G) % 2)] = True    # AA: one trained seat per game
+    trained[2 * torch.arange(G) + (torch.arange(G) // cfg["group_size"]) % 2] = True   # AA: one trained seat per game
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     # --- ours
     roll_t, upd_t = [], []
     for rep in range(args.repeats):
-        t0 = time.perf_counter()
-        ro = rollout("ipd", [pol], torch.zeros(G, 2, dtype=torch.long), G, seed=rep)
-        roll_t.append(time.perf_counter() - t0)
+        model.eval()
+        ro, wall, calls = timed_rollout(model, args.env, pol, G, cfg, rep, autocast, now)
+        roll_t.append(wall)
         credit, _ = train.compute_credits(ro, trained, cfg)
         model.train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-5)
-        t0 = time.perf_counter()
-        train.update(model, None, opt, ro, credit, trained, cfg, torch.autocast("cpu", enabled=False))
-        upd_t.append(time.perf_counter() - t0)
-        model.eval()
-    peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # GiB (ru_maxrss is KiB)
+        t0 = now()
+        stats = train.update(model, None, opt, ro, credit, trained, cfg | {"skip_no_signal": False}, autocast)
+        upd_t.append(now() - t0)
+    model.eval()
+    model_s = replay(model, calls, autocast, now, dev)                    # the last repeat's calls
     roll_s, upd_s = statistics.median(roll_t), statistics.median(upd_t)
-    n_conv = int(ro.length.sum())                                   # conversation tokens of the iteration
+    peak_mem = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
+    # decode steps: calls that feed at most 8 new tokens per row; what they must read from memory
+    dec = [c for c in calls if c[1] <= 8]
+    decode_step_s = (roll_t[-1] - sum(c[5] for c in calls if c[1] > 8)) / len(dec) if dec else float("nan")
+    w_bytes = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n or model.cfg.tie_embeddings)
+    w_bytes *= 2 if dt == "bfloat16" else 4
+    kv_per_slot = 2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim * 4    # k and v, fp32 cache
+    kv_bytes = statistics.mean([B * (s0 + T) * kv_per_slot for B, T, s0, *_ in dec]) if dec else 0.0
+    bandwidth_util = (w_bytes + kv_bytes) / bw / decode_step_s if dec else float("nan")
+    n_conv = int(ro.length.sum())
     n_sampled = int(ro.action_mask.sum())
     decision, _ = train.decision_tokens(ro)
     n_dec = int((decision & trained[:, None]).sum())
     n_train_tok = int(ro.length[trained].sum())
-    # --- transformers
-    from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(embedded_dir(), dtype=torch.float32).eval()
-    hf_roll_s = hf_rollout_baseline(hf, ro, pol.chat.eot)
-    hf.train()
-    hf_opt = torch.optim.Adam(hf.parameters(), lr=1e-5)
-    hf_upd_s = statistics.median([hf_update_baseline(hf, hf_opt, ro, credit, trained, cfg["micro_tokens"])
-                                  for _ in range(args.repeats)])
-    # --- report
-    # the useful work: each distinct token once (the shared prompt prefix once per batch), the lm_head
-    # where a token is sampled (rollout) or scored (update); forward + backward ~ 3x forward
     P = len(pol.chat.first(ro.games[0].intro, "")[0])
     n_mb = len(train.micro_batches(trained.nonzero().flatten().tolist(), ro.length, cfg["micro_tokens"]))
-    roll_flops = fwd_flops(model, n_conv - (2 * G - 1) * P, n_sampled)
+    roll_flops = fwd_flops(model, n_conv - (2 * G - 1) * P, n_sampled)   # each distinct token once
     train_flops = 3 * fwd_flops(model, n_train_tok - (int(trained.sum()) - n_mb) * P, n_dec)
-    res = dict(rollout_s=roll_s, rollout_tok_s=n_conv / roll_s, hf_generate_s=hf_roll_s,
-               hf_generate_tok_s=n_conv / hf_roll_s, rollout_ratio=hf_roll_s / roll_s,
-               train_s=upd_s, train_tok_s=n_train_tok / upd_s, hf_train_s=hf_upd_s, hf_train_tok_s=n_train_tok / hf_upd_s,
-               train_ratio=hf_upd_s / upd_s, rollout_mfu=roll_flops / roll_s / (peak32 * 1e9),
-               train_mfu=train_flops / upd_s / (peak32 * 1e9), hf_rollout_mfu=roll_flops / hf_roll_s / (peak32 * 1e9),
-               hf_train_mfu=train_flops / hf_upd_s / (peak32 * 1e9), peak_fp32_gflops=peak32,
-               peak_bf16_gflops=peak16, peak_rss_gib=peak_mem, n_games=G, conv_tokens=n_conv)
-    print(f"\nworkload: {G} ipd games x 10 rounds = {2 * G} conversations, {n_conv} tokens; "
-          f"update on {trained.sum()} trained conversations ({n_train_tok} tokens, {n_dec} decision tokens)")
-    print("| phase | ours (s) | ours tok/s | transformers (s) | transformers tok/s | speedup | MFU ours | MFU transformers |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| rollout | {roll_s:.1f} | {n_conv / roll_s:.0f} | {hf_roll_s:.1f} (generate) | {n_conv / hf_roll_s:.0f} | "
-          f"{res['rollout_ratio']:.2f}x | {res['rollout_mfu']:.1%} | {res['hf_rollout_mfu']:.1%} |")
-    print(f"| update | {upd_s:.1f} | {n_train_tok / upd_s:.0f} | {hf_upd_s:.1f} (fwd+bwd) | {n_train_tok / hf_upd_s:.0f} | "
-          f"{res['train_ratio']:.2f}x | {res['train_mfu']:.1%} | {res['hf_train_mfu']:.1%} |")
-    print(f"peak memory (process RSS) after our iteration: {peak_mem:.2f} GiB; MFU against the fp32 peak "
-          f"{peak32:.0f} GFLOP/s (bf16 measured {peak16:.0f})")
+    res = dict(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", dtype=dt, model=args.model,
+               env=args.env, n_games=G, rollout_s=roll_s, rollout_tok_s=n_conv / roll_s, decode_step_ms=1e3 * decode_step_s,
+               n_decode_steps=len(dec), engine_overhead=roll_t[-1] / model_s, bandwidth_util=bandwidth_util,
+               train_s=upd_s, train_tok_s=n_train_tok / upd_s, rollout_mfu=roll_flops / roll_s / peak,
+               train_mfu=train_flops / upd_s / peak, peak_mem_gib=peak_mem, peak_fp32_tflops=peak32 / 1e12,
+               peak_bf16_tflops=peak16 / 1e12, bandwidth_gbs=bw / 1e9, conv_tokens=n_conv, train_tokens=n_train_tok,
+               update_skipped=stats["skipped"])
+    print(f"\nworkload: {G} {args.env} games x {cfg['n_rounds']} rounds = {2 * G} conversations, {n_conv} tokens; "
+          f"update on {int(trained.sum())} trained conversations ({n_train_tok} tokens, {n_dec} decision tokens)")
+    print(f"rollout: {roll_s:.2f} s, {n_conv / roll_s:.0f} tok/s, MFU {res['rollout_mfu']:.1%}; {len(dec)} decode steps of "
+          f"{res['decode_step_ms']:.1f} ms; model calls alone {model_s:.2f} s -> engine_overhead {res['engine_overhead']:.2f}; "
+          f"bandwidth_util {bandwidth_util:.3f}")
+    print(f"update: {upd_s:.2f} s, {n_train_tok / upd_s:.0f} tok/s, MFU {res['train_mfu']:.1%}; peak memory {peak_mem:.2f} GiB")
+    # --- transformers, same device, same dtype
+    if args.baseline == "true":
+        del opt
+        hf = hf_twin(model, dev)
+        hf_roll_s = hf_rollout_baseline(hf, ro, pol.chat.eot, dev, autocast, now)
+        hf.train()
+        hf_opt = torch.optim.Adam(hf.parameters(), lr=1e-5)
+        hf_upd_s = statistics.median([hf_update_baseline(hf, hf_opt, ro, credit, trained, cfg["micro_tokens"], dev,
+                                                         autocast, now) for _ in range(args.repeats)])
+        res.update(hf_generate_s=hf_roll_s, hf_train_s=hf_upd_s, rollout_ratio=hf_roll_s / roll_s,
+                   train_ratio=hf_upd_s / upd_s, hf_rollout_mfu=roll_flops / hf_roll_s / peak,
+                   hf_train_mfu=train_flops / hf_upd_s / peak)
+        print("| phase | ours (s) | ours tok/s | transformers (s) | transformers tok/s | speedup | MFU ours | MFU transformers |")
+        print("|---|---|---|---|---|---|---|---|")
+        print(f"| rollout | {roll_s:.2f} | {n_conv / roll_s:.0f} | {hf_roll_s:.2f} (generate) | {n_conv / hf_roll_s:.0f} | "
+              f"{res['rollout_ratio']:.2f}x | {res['rollout_mfu']:.1%} | {res['hf_rollout_mfu']:.1%} |")
+        print(f"| update | {upd_s:.2f} | {n_train_tok / upd_s:.0f} | {hf_upd_s:.2f} (fwd+bwd) | {n_train_tok / hf_upd_s:.0f} | "
+              f"{res['train_ratio']:.2f}x | {res['train_mfu']:.1%} | {res['hf_train_mfu']:.1%} |")
     print(json.dumps(res))
 
 if __name__ == "__main__":

