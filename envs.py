@@ -22,6 +22,8 @@ import re
 
 GAMES = ("ipd", "split", "tas")
 
+MESSAGE_END = "<<message_end>>"     # the end tag of a TAS message (rollout stops a message there)
+
 def make_game(env, seed, n_rounds=10):
     if env not in GAMES:
         raise ValueError(f"unknown env {env!r}: choose one of {', '.join(GAMES)}")
@@ -156,7 +158,7 @@ class TAS(Game):
              "of you writes a message, the other replies, then both propose at the same time how many coins to keep. "
              "If the claims add up to 10 or less, each gets its claim; otherwise the coins are shared in proportion "
              "to the claims. Your goal is to maximize your total points.")
-    MSG = "Write one short message between <<message_start>> and <<message_end>>."
+    MSG = f"Write one short message between <<message_start>> and {MESSAGE_END}."
     PROPOSE = "Answer with exactly: <<proposal_start>> x <<proposal_end>> where x is the coins you keep (0-10)."
 
     def __init__(self, seed, n_rounds=10):

@@ -300,17 +300,18 @@ def masked_log_softmax(logits, allowed=None):
 # -----------------------------------------------------------------------------
 # sampling
 
-def sample(logits, temperature, generator=None):
-    """logits (B, V) -> token ids (B,). Temperature 0 is argmax; otherwise inverse-CDF sampling, which
-    draws from the same distribution as torch.multinomial at a fraction of its cost on a CPU."""
+def sample(logits, temperature, generator=None, u=None):
+    """logits (B, V) -> token ids (B,). Temperature 0 is argmax; otherwise inverse-CDF sampling with uniforms
+    u (B,) (drawn from generator if not given), the same distribution as torch.multinomial at a fraction
+    of its cost on a CPU, and no host sync on a GPU."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = F.softmax(logits.float() / temperature, dim=-1)
-    # the uniforms come from the CPU generator on every device, so a seed plays the same games on a CPU and
-    # a GPU (up to the numerics of the probabilities)
-    u = torch.rand(probs.size(0), 1, generator=generator).to(probs.device)
+    if u is None:  # the uniforms come from the CPU generator on every device, so a seed plays the same games
+        u = torch.rand(probs.size(0), generator=generator).to(probs.device)   # on a CPU and a GPU (up to numerics)
     cdf = probs.cumsum(-1)
-    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1).clamp(max=probs.size(1) - 1)
+    # right=True: the first token whose cdf exceeds u, so a zero-probability token is never drawn (even at u = 0)
+    return torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(1).clamp(max=probs.size(1) - 1)
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=(), generator=None):

@@ -54,23 +54,36 @@ class Chat:
     def next(self, text):
         return self.encode(self.between + text + self.tail)
 
+END_TAGS = {}   # (tokenizer, vocabulary size, device) -> end-tag automaton
+
 class LMPolicy:
     """A language model playing a seat. `name` labels it in logs."""
     def __init__(self, model, tok, name="model"):
         self.model, self.tok, self.name, self.chat = model, tok, name, Chat(tok)
-        self.tries = {}
+        self.compiled, self.end_table = {}, None
 
-    def trie(self, options):
-        """Trie over the token sequences of the valid strings, each ending with end-of-turn: {tok: child}."""
+    def tables(self, options):
+        """The valid strings (each ending with end-of-turn) as a token trie {tok: child}, compiled for the
+        device (Tables); () compiles free text. Cached per option set."""
         key = tuple(options)
-        if key not in self.tries:
+        if key not in self.compiled:
             root = {}
             for s in options:
                 node = root
                 for t in self.chat.encode(s) + [self.chat.eot]:
                     node = node.setdefault(t, {})
-            self.tries[key] = root
-        return self.tries[key]
+            self.compiled[key] = compile_trie(root, self.chat.eot, self.model.lm_head.weight.device)
+        return self.compiled[key]
+
+    def end_tag(self):
+        """The automaton that finds a message's end tag in free text (built once, a few seconds)."""
+        if self.end_table is None:
+            dev = self.model.lm_head.weight.device
+            key = (self.tok.name_or_path, len(self.tok), str(dev))      # shared by policies of one tokenizer
+            if key not in END_TAGS:
+                END_TAGS[key] = end_tag_table(self.tok, envs.MESSAGE_END, dev)
+            self.end_table = END_TAGS[key]
+        return self.end_table
 
 class FixedPolicy:
     """A fixed strategy from envs.py (or anything with reply(game, player, text, rng) -> text)."""
@@ -155,6 +168,7 @@ class Rollout:
     action_mask: torch.Tensor    # (N, L) bool: sampled (trainable) tokens, end-of-turn tokens included
     token_round: torch.Tensor    # (N, L) long: round index of each token (-1 on padding)
     sampler_logp: torch.Tensor   # (N, L) float: log-prob of each sampled token under the sampler
+    sampler_u: torch.Tensor      # (N, L) float: the uniform each sampled token was drawn with (inverse CDF)
     allowed: torch.Tensor        # (n_sampled, K) long: tokens the mask allowed, -1 padded; all -1 = free sampling
     rewards: torch.Tensor        # (N, T) float: per-round rewards (unscaled)
     invalid: torch.Tensor        # (N, T) bool: invalid actions (played as the least cooperative move)
@@ -176,7 +190,7 @@ def rollout(env, policies, seat_policy, n_games, seed, group_size=1, n_rounds=10
     rng = random.Random(seed)
     games = [envs.make_game(env, seed * 100003 + g // group_size, n_rounds) for g in range(n_games)]
     N = 2 * n_games
-    toks = [dict(ids=[], sampled=[], rnd=[], logp=[], allowed=[]) for _ in range(N)]
+    toks = [dict(ids=[], sampled=[], rnd=[], logp=[], u=[], allowed=[]) for _ in range(N)]
     rows = {}  # LM policy index -> {"traj": [trajectory ids], "cache": KVCache, "pending": [[ids not yet fed]]}
     for k, pol in enumerate(policies):
         if isinstance(pol, LMPolicy):
@@ -205,93 +219,131 @@ def rollout(env, policies, seat_policy, n_games, seed, group_size=1, n_rounds=10
             progress.update(1)
     return pack(toks, games, seat_policy, group_size, n_rounds)
 
-def lm_turn(pol, state, acting, games, texts, toks, gen, temperature, constrained, max_msg_tokens, max_action_tokens):
-    """One turn for the acting seats of one LM policy: feed their new text, decode their replies."""
-    model, chat, cache = pol.model, pol.chat, state["cache"]
+def lm_turn(pol, st, acting, games, texts, toks, gen, temperature, constrained, max_msg_tokens, max_action_tokens):
+    """One turn for the acting seats of one LM policy: 1. feed their new text, 2. decode until every row
+    ended its reply, 3. record. The decode state of every row lives in tensors on the model's device and a
+    step is the same tensor program for all rows (rows that are done ride along, masked): no Python per row
+    and no host read inside the turn except the every-`check`-steps test that all rows are done."""
+    model, chat, cache = pol.model, pol.chat, st["cache"]
     dev = cache.valid.device
-    index = {t: r for r, t in enumerate(state["traj"])}
-    R = len(state["traj"])
-    # 1. the new text of each acting row (plus the tokens it sampled last turn that are not in the cache yet)
+    R = len(st["traj"])
+    index = {t: r for r, t in enumerate(st["traj"])}
+    rows = [index[2 * gi + p] for gi, p in acting]                              # ascending, as acting is
+    options = {tuple(games[gi].options(p) or ()) for gi, p in acting}
+    if len(options) > 1:
+        raise RuntimeError("one lockstep turn mixes different action formats; rollout cannot batch it")
+    opts = options.pop() if constrained else ()
+    tab = pol.tables(opts)
+    # 1. feed: the text since this row's last turn, after the tokens it sampled then (pending), plus the
+    #    forced start of the action (e.g. the '<' of '<A>'/'<B>'): one ragged chunk, one model call
     if cache.len == 0:  # the system prompt and intro are the same for all rows: compute them once, copy
-        shared = state["shared"]
+        shared = st["shared"]
         one = KVCache(model.cfg, 1, len(shared), dev, cache.k.dtype)
         model.extend(one, torch.tensor([shared], device=dev), torch.tensor([len(shared)], device=dev))
         cache.fill_from(one)
-        for t in state["traj"]:
+        for t in st["traj"]:
             record(toks[t], shared, 0)
     elif cache.len > 2 * int(cache.valid.sum(1).max()):
-        cache.compact()   # padding slots pile up when few rows act: squeeze them out once in a while
-    chunks, out = [[] for _ in range(R)], {}
-    nodes, budget, ends = [None] * R, [0] * R, set()
-    for gi, p in acting:
-        r, t, g = index[2 * gi + p], 2 * gi + p, games[gi]
-        text = texts[(gi, p)]
-        if len(toks[t]["ids"]) == len(state["shared"]):   # this seat's first turn
+        cache.compact()   # padding slots pile up when few rows act: squeeze them out between turns
+    chunks = [[] for _ in range(R)]
+    for (gi, p), r in zip(acting, rows):
+        t, g, text = 2 * gi + p, games[gi], texts[(gi, p)]
+        if len(toks[t]["ids"]) == len(st["shared"]):   # this seat's first turn
             assert text.startswith(g.intro)
             ids = chat.first(g.intro, text[len(g.intro):])[1]
         else:
             ids = chat.next(text)
         record(toks[t], ids, g.round)
-        chunks[r], out[r] = state["pending"][r] + ids, []
-        state["pending"][r] = []
-        opts = g.options(p)
-        if opts is not None and constrained:
-            nodes[r] = pol.trie(opts)
-            for tok, nd in follow_forced(nodes[r]):     # e.g. the '<' of '<A>'/'<B>': no choice, no sampling
-                record(toks[t], [tok], g.round, sampled=True, logp=0.0, allowed=[tok])
-                chunks[r].append(tok)
-                out[r].append(tok)
-                nodes[r] = nd
-        budget[r] = max_msg_tokens if opts is None else max_action_tokens
-    # 2. decode: sample, follow forced runs, feed them back, until every acting row ends its reply
-    active = {index[2 * gi + p]: (gi, p) for gi, p in acting}
-    while active:
-        T = max(len(c) for c in chunks)
-        idx = torch.zeros(R, T, dtype=torch.long, device=dev)
-        for r, c in enumerate(chunks):
-            idx[r, :len(c)] = torch.tensor(c, dtype=torch.long)
-        cache.reserve(T)
-        logits = model.extend(cache, idx, torch.tensor([len(c) for c in chunks], device=dev))
-        chunks = [[] for _ in range(R)]
-        rlist = list(active)
-        lg = logits[rlist].float()                                           # (R_active, V)
-        allowed = []
-        for i, r in enumerate(rlist):
-            if nodes[r] is not None:
-                a = list(nodes[r])                                           # the trie's continuations
-            elif len(out[r]) >= budget[r] - 1 or r in ends:
-                a = [chat.eot]                                               # budget spent or end tag written
-            else:
-                a = None                                                     # free text
-            if a is not None:
-                keep = torch.full_like(lg[i], float("-inf"))
-                keep[a] = 0.0
-                lg[i] += keep
-            allowed.append(a)
-        nxt = sample(lg, temperature, gen)
+        for tok in tab.prefix:
+            record(toks[t], [tok], g.round, sampled=True, logp=0.0, allowed=[tok])
+        chunks[r], st["pending"][r] = st["pending"][r] + ids + tab.prefix, []
+    budget = max_action_tokens if opts else max_msg_tokens      # free text: tokens before end-of-turn is forced
+    steps = tab.depth if opts else budget                        # the most sampling steps this turn can take
+    F = tab.chain.size(2)
+    cache.reserve(max(len(c) for c in chunks) + steps * (1 + F))  # the turn never grows the cache
+    idx = torch.zeros(R, max(len(c) for c in chunks), dtype=torch.long)
+    for r, c in enumerate(chunks):
+        idx[r, :len(c)] = torch.tensor(c, dtype=torch.long)
+    idx, lengths = idx.to(dev), torch.tensor([len(c) for c in chunks], device=dev)
+    # 2. decode. state: a decision state of the compiled trie, FREE text, EOT (end-of-turn only) or DONE
+    acts = torch.zeros(R, dtype=torch.bool)
+    acts[rows] = True
+    state = torch.full((R,), tab.DONE, dtype=torch.long)
+    state[acts] = tab.start if opts else (tab.FREE if budget > 1 else tab.EOT)
+    state, acts = state.to(dev), acts.to(dev)
+    tag = torch.zeros(R, dtype=torch.long, device=dev)          # end-tag automaton state (free text)
+    u = torch.zeros(steps, R)
+    if temperature > 0:                                          # the uniforms of the whole turn, drawn once
+        u[:, rows] = torch.rand(steps, len(rows), generator=gen)
+    u = u.to(dev)
+    end_tag = pol.end_tag() if not opts else None
+    out_tok = torch.full((steps, R, 1 + F), -1, dtype=torch.long, device=dev)   # sampled token, then its forced run
+    out_logp = torch.zeros(steps, R, device=dev)
+    out_state = torch.full((steps, R), tab.DONE, dtype=torch.long, device=dev)
+    check = 1 if dev.type == "cpu" else 8
+    for i in range(steps):
+        logits = model.extend(cache, idx, lengths)                              # (R, V)
+        allowed = tab.allowed[state]                                            # (R, K), -1 padded; all -1 = free
+        lg = masked_logits(logits, allowed)
+        nxt = sample(lg, temperature, u=u[i])                                   # (R,)
         logp = torch.log_softmax(lg / max(temperature, 1e-6), -1).gather(1, nxt[:, None]).squeeze(1)
-        for i, r in enumerate(rlist):
-            gi, p = active[r]
-            t, g, tok = 2 * gi + p, games[gi], int(nxt[i])
-            record(toks[t], [tok], g.round, sampled=True, logp=float(logp[i]), allowed=allowed[i])
-            out[r].append(tok)
-            feed = [tok]
-            if nodes[r] is not None:
-                nodes[r] = nodes[r][tok]
-                for ftok, nd in follow_forced(nodes[r]):
-                    record(toks[t], [ftok], g.round, sampled=True, logp=0.0, allowed=[ftok])
-                    out[r].append(ftok)
-                    feed.append(ftok)
-                    nodes[r] = nd
-            elif "<<message_end>>" in chat.tok.decode(out[r][-8:]):
-                ends.add(r)
-            if out[r][-1] == chat.eot:
-                state["pending"][r] = feed                                   # fed with the next turn's text
-                del active[r]
-            else:
-                chunks[r] = feed
-    eot = chat.eot
-    return {(gi, p): chat.tok.decode([x for x in out[index[2 * gi + p]] if x != eot]) for gi, p in acting}
+        k = (allowed == nxt[:, None]).int().argmax(1)                           # which option of the state
+        chain, n_chain, new = tab.chain[state, k], tab.chain_len[state, k], tab.next[state, k]
+        if end_tag is not None:                                                 # free text: end tag, budget
+            tag = end_tag[tag, nxt]
+            over = (tag == end_tag.size(0) - 1) | (i + 2 >= budget)
+            new = torch.where((state == tab.FREE) & over, tab.EOT, new)
+        new = torch.where((nxt == chat.eot) | (state == tab.EOT) | (state == tab.DONE), tab.DONE, new)
+        live = state != tab.DONE
+        out_tok[i] = torch.where(live[:, None], torch.cat([nxt[:, None], chain], 1), -1)
+        out_logp[i], out_state[i] = logp, state
+        idx = torch.cat([nxt[:, None], chain.clamp(min=0)], 1)                  # fed next step, unless the row
+        lengths = torch.where(live & (new != tab.DONE), 1 + n_chain, 0)        # ended: then with the next turn
+        state = new
+        if (i + 1) % check == 0 and bool((state == tab.DONE).all()):
+            break
+    # 3. record: one read of the turn's buffers
+    out_tok, out_logp, out_state, u = out_tok.cpu(), out_logp.cpu(), out_state.cpu(), u.cpu()
+    replies = {}
+    for (gi, p), r in zip(acting, rows):
+        t, g, out = 2 * gi + p, games[gi], list(tab.prefix)
+        for i in range(steps):
+            s = int(out_state[i, r])
+            if s == tab.DONE:
+                break
+            toks_i = [x for x in out_tok[i, r].tolist() if x >= 0]
+            record(toks[t], toks_i[:1], g.round, sampled=True, logp=float(out_logp[i, r]),
+                   allowed=tab.options[s], u=float(u[i, r]))
+            for x in toks_i[1:]:
+                record(toks[t], [x], g.round, sampled=True, logp=0.0, allowed=[x])
+            out += toks_i
+        st["pending"][r] = toks_i                                # the last step's tokens end with end-of-turn
+        replies[(gi, p)] = chat.tok.decode([x for x in out if x != chat.eot])
+    return replies
+
+def masked_logits(logits, allowed):
+    """logits (R, V) with -inf outside each row's allowed ids (R, K), -1 padded; a row of all -1 is free."""
+    R, V = logits.shape
+    slot = torch.where(allowed < 0, V, allowed)                 # padding lands in a spare column, dropped
+    keep = torch.zeros(R, V + 1, dtype=torch.bool, device=logits.device).scatter_(1, slot, True)[:, :V]
+    return torch.where(keep | (allowed < 0).all(1, keepdim=True), logits, float("-inf"))
+
+@dataclass
+class Tables:
+    """Constrained decoding compiled for the device. States 0..S-1 are the trie's decision nodes (more than one
+    legal next token); FREE (free text), EOT (end-of-turn only) and DONE follow. Choosing allowed[s, k] in
+    state s appends chain[s, k] (the forced tokens after it, -1 padded) and moves to next[s, k]."""
+    prefix: list                 # forced tokens before the first decision (fed with the turn's text)
+    start: int                   # the state after them
+    allowed: torch.Tensor        # (S+3, K) long
+    next: torch.Tensor           # (S+3, K) long
+    chain: torch.Tensor          # (S+3, K, F) long
+    chain_len: torch.Tensor      # (S+3, K) long
+    depth: int                   # the most decisions on any path (sampling steps of a turn)
+    options: list                # per state: its allowed ids as a list (None = free), for the Rollout
+    FREE: int
+    EOT: int
+    DONE: int
 
 def follow_forced(node):
     """[(token, node after it)] along the chain of single-child trie nodes starting at node."""
@@ -301,11 +353,89 @@ def follow_forced(node):
         chain.append((tok, node))
     return chain
 
-def record(tr, ids, rnd, sampled=False, logp=0.0, allowed=None):
+def compile_trie(root, eot, dev):
+    """A trie {token: child} (leaves are {}) -> Tables; root None compiles free text only."""
+    root = root or {}
+    prefix = follow_forced(root)
+    first = prefix[-1][1] if prefix else root
+    order, index = [], {}
+    def end_of(child):                                            # the node a forced run from child stops at
+        run = follow_forced(child)
+        return run[-1][1] if run else child
+    def visit(node):
+        if node and id(node) not in index:
+            index[id(node)] = len(order)
+            order.append(node)
+            for child in node.values():
+                visit(end_of(child))
+    visit(first)
+    S = len(order)
+    FREE, EOT, DONE = S, S + 1, S + 2
+    K = max([len(n) for n in order] + [1])
+    F = max([len(follow_forced(c)) for n in order for c in n.values()] + [1])
+    allowed = torch.full((S + 3, K), -1, dtype=torch.long)
+    nxt = torch.full((S + 3, K), DONE, dtype=torch.long)
+    chain = torch.full((S + 3, K, F), -1, dtype=torch.long)
+    chain_len = torch.zeros(S + 3, K, dtype=torch.long)
+    for s, node in enumerate(order):
+        for k, (tok, child) in enumerate(node.items()):
+            run = [t for t, _ in follow_forced(child)]
+            allowed[s, k], chain_len[s, k] = tok, len(run)
+            chain[s, k, :len(run)] = torch.tensor(run, dtype=torch.long)
+            end = end_of(child)
+            nxt[s, k] = index[id(end)] if end else DONE
+    nxt[FREE] = FREE
+    allowed[EOT, 0] = allowed[DONE, 0] = eot
+    depth = {}
+    def deep(node):
+        if not node:
+            return 0
+        if id(node) not in depth:
+            depth[id(node)] = 1 + max(deep(end_of(c)) for c in node.values())
+        return depth[id(node)]
+    options = [list(n) for n in order] + [None, [eot], [eot]]
+    return Tables(prefix=[t for t, _ in prefix], start=index[id(first)] if first else DONE, allowed=allowed.to(dev),
+                  next=nxt.to(dev), chain=chain.to(dev), chain_len=chain_len.to(dev), depth=deep(first),
+                  options=options, FREE=FREE, EOT=EOT, DONE=DONE)
+
+def end_tag_table(tok, tag, dev):
+    """The end tag of a message as an automaton over token ids: (len(tag) + 1, V) long, entry [q, t] = how much
+    of the tag is matched after token t when q characters were (KMP over each token's text); the last
+    state (all matched) is absorbing."""
+    Q = len(tag)
+    fail = [0] * (Q + 1)                                          # KMP failure function
+    for i in range(1, Q):
+        j = fail[i]
+        while j and tag[i] != tag[j]:
+            j = fail[j]
+        fail[i + 1] = j + 1 if tag[i] == tag[j] else 0
+    def step(q, ch):
+        while q and tag[q] != ch:
+            q = fail[q]
+        return q + 1 if tag[q] == ch else 0
+    V = len(tok)
+    table = torch.zeros(Q + 1, V, dtype=torch.long)
+    table[Q] = Q
+    chars = set(tag)
+    texts = tok.batch_decode([[t] for t in range(V)])
+    for t, s in enumerate(texts):
+        if not chars & set(s):
+            continue                                              # no tag character: back to 0 from anywhere
+        for q0 in range(Q):
+            q = q0
+            for ch in s:
+                q = step(q, ch)
+                if q == Q:
+                    break
+            table[q0, t] = q
+    return table.to(dev)
+
+def record(tr, ids, rnd, sampled=False, logp=0.0, allowed=None, u=0.0):
     tr["ids"] += ids
     tr["rnd"] += [rnd] * len(ids)
     tr["sampled"] += [sampled] * len(ids)
     tr["logp"] += [logp] * len(ids)
+    tr["u"] += [u] * len(ids)
     if sampled:
         tr["allowed"].append(allowed)
 
@@ -315,13 +445,14 @@ def pack(toks, games, seat_policy, group_size, n_rounds):
     ids = torch.zeros(N, L, dtype=torch.long)
     mask = torch.zeros(N, L, dtype=torch.bool)
     rnd = torch.full((N, L), -1, dtype=torch.long)
-    logp = torch.zeros(N, L)
+    logp, u = torch.zeros(N, L), torch.zeros(N, L)
     for i, t in enumerate(toks):
         n = len(t["ids"])
         ids[i, :n] = torch.tensor(t["ids"], dtype=torch.long)
         mask[i, :n] = torch.tensor(t["sampled"], dtype=torch.bool)
         rnd[i, :n] = torch.tensor(t["rnd"], dtype=torch.long)
         logp[i, :n] = torch.tensor(t["logp"])
+        u[i, :n] = torch.tensor(t["u"])
     allowed_lists = [a for t in toks for a in t["allowed"]]
     K = max([len(a) for a in allowed_lists if a is not None] + [1])
     allowed = torch.full((len(allowed_lists), K), -1, dtype=torch.long)
@@ -333,7 +464,7 @@ def pack(toks, games, seat_policy, group_size, n_rounds):
     invalid = torch.tensor([[g.invalid[t][s] for t in range(T)] for g in games for s in (0, 1)], dtype=torch.bool)
     game = torch.arange(N) // 2
     return Rollout(ids=ids, length=torch.tensor([len(t["ids"]) for t in toks]), action_mask=mask, token_round=rnd,
-                   sampler_logp=logp, allowed=allowed, rewards=rewards, invalid=invalid, game=game,
+                   sampler_logp=logp, sampler_u=u, allowed=allowed, rewards=rewards, invalid=invalid, game=game,
                    group=game // group_size, seat=torch.arange(N) % 2,
                    policy=torch.tensor([int(seat_policy[g][s]) for g in range(len(games)) for s in (0, 1)]),
                    games=games)

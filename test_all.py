@@ -451,13 +451,14 @@ def test_unconstrained_sampling_counts_invalid(tiny_dir):
     assert ro.invalid.float().mean() > 0.5
 
 def test_update_direction(tiny_dir):
-    """One optimizer step with positive credit raises the sampled tokens' log-probs; negative lowers them."""
+    """One optimizer step with positive credit raises the sampled tokens' log-probs; negative lowers them.
+    (A first-order claim: lr 1e-4 keeps Adam's step small for the tiny model; at 1e-3 some games overshoot.)"""
     for sign in (1.0, -1.0):
         ro, tok = play(tiny_dir, "split", n_games=2, group_size=1)
         model, _ = M.load_dir(tiny_dir, "cpu", torch.float32)
         trained = torch.ones(4, dtype=torch.bool)
         cfg = dict(entropy_coef=0.0, kl_coef=0.0, micro_tokens=500, grad_clip=1.0, temperature=1.0, skip_no_signal=True)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         mask, allowed = TR.decision_tokens(ro)
         before = model.token_logprobs(ro.ids, mask, allowed[mask])[0].detach()
         stats = TR.update(model, None, opt, ro, torch.full((4, 3), sign), trained, cfg, nullcontext())
@@ -857,3 +858,64 @@ def test_cuda_matches_cpu(smol):
         model.to("cpu")
     ro_cpu = R.rollout("ipd", [R.LMPolicy(model, tok)], torch.zeros(2, 2, dtype=torch.long), 2, seed=3, n_rounds=3)
     assert torch.equal(ro_gpu.ids, ro_cpu.ids)
+
+# -----------------------------------------------------------------------------
+# the rollout engine
+
+@pytest.mark.parametrize("env", ["ipd", "split", "tas"])
+def test_engine_samples_what_a_plain_decode_samples(tiny_dir, env):
+    """Every sampled token is what one row decoded alone (a full uncached forward of its conversation so far,
+    the same mask, the same uniform) samples: the batched cache, the device state and the tables are exact."""
+    model, tok = M.load_dir(tiny_dir, "cpu", torch.float32)
+    ro = R.rollout(env, [R.LMPolicy(model, tok)], torch.zeros(2, 2, dtype=torch.long), 2, seed=4, n_rounds=2,
+                   max_msg_tokens=10)
+    j = 0                                                        # index into ro.allowed (row-major sampled tokens)
+    for i in range(ro.ids.size(0)):
+        n = int(ro.length[i])
+        logits = model(ro.ids[i:i + 1, :n])[0]                   # (n, V): position t-1 predicts token t
+        for t in ro.action_mask[i, :n].nonzero().flatten().tolist():
+            lg = R.masked_logits(logits[t - 1:t], ro.allowed[j:j + 1])
+            assert M.sample(lg, 1.0, u=ro.sampler_u[i, t:t + 1]).item() == ro.ids[i, t].item(), (i, t)
+            j += 1
+    assert j == ro.allowed.size(0)
+
+@pytest.mark.parametrize("env", ["ipd", "split", "tas"])
+def test_tables_accept_exactly_the_trie(smol, env):
+    """Walking the compiled tables (every choice, then its forced run) yields exactly the valid action strings."""
+    model, tok, _ = smol
+    pol = R.LMPolicy(model, tok)
+    g = E.make_game(env, 0)
+    while g.options(0) is None:                                  # tas: play the messages to reach a proposal
+        for p in g.to_act():
+            g.act(p, "<<message_start>> hi <<message_end>>")
+    opts = g.options(0)
+    tab = pol.tables(opts)
+    found = set()
+    def walk(s, ids):
+        if s == tab.DONE:
+            found.add(tuple(ids))
+            return
+        for k, a in enumerate(tab.allowed[s].tolist()):
+            if a >= 0:
+                run = [x for x in tab.chain[s, k].tolist() if x >= 0]
+                assert len(run) == tab.chain_len[s, k]
+                walk(int(tab.next[s, k]), ids + [a] + run)
+    walk(tab.start, list(tab.prefix))
+    assert found == {tuple(pol.chat.encode(o) + [pol.chat.eot]) for o in opts}
+    assert tab.depth >= 1 and len(found) == len(opts)
+
+def test_end_tag_automaton(smol):
+    """The end-tag automaton reaches its last state exactly when the text so far contains <<message_end>>,
+    however the tokenizer splits it, and stays there."""
+    model, tok, _ = smol
+    table = R.LMPolicy(model, tok).end_tag()
+    Q = table.size(0) - 1
+    for text in ["Hi <<message_end>>", "<<message_end>> and more", "x<<message_end", "<<<message_end>>>",
+                 "message_end>>", "<<message_start>> I have rock. <<message_end>>", "<< message_end >>"]:
+        q, states = 0, []
+        ids = tok.encode(text, add_special_tokens=False)
+        for t in ids:
+            q = int(table[q, t])
+            states.append(q)
+        for k in range(len(ids)):
+            assert (states[k] == Q) == ("<<message_end>>" in tok.decode(ids[:k + 1])), (text, k)
