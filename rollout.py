@@ -372,7 +372,7 @@ def compile_trie(root, eot, dev):
     S = len(order)
     FREE, EOT, DONE = S, S + 1, S + 2
     K = max([len(n) for n in order] + [1])
-    F = max([len(follow_forced(c)) for n in order for c in n.values()] + [1])
+    F = max([len(follow_forced(c)) for n in order for c in n.values()] + [0])
     allowed = torch.full((S + 3, K), -1, dtype=torch.long)
     nxt = torch.full((S + 3, K), DONE, dtype=torch.long)
     chain = torch.full((S + 3, K, F), -1, dtype=torch.long)
