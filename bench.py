@@ -238,7 +238,7 @@ def main():
     n_dec = int((decision & trained[:, None]).sum())
     n_train_tok = int(ro.length[trained].sum())
     P = len(pol.chat.first(ro.games[0].intro, "")[0])
-    n_mb = len(train.micro_batches(trained.nonzero().flatten().tolist(), ro.length, cfg["micro_tokens"]))
+    n_mb = len(train.micro_batches(trained.nonzero().flatten().tolist(), ro.length, train.micro_batch_tokens(cfg, model)))
     roll_flops = fwd_flops(model, n_conv - (2 * G - 1) * P, n_sampled)   # each distinct token once
     train_flops = 3 * fwd_flops(model, n_train_tok - (int(trained.sum()) - n_mb) * P, n_dec)
     res = dict(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", dtype=dt, model=args.model,
@@ -261,7 +261,7 @@ def main():
         hf_roll_s = hf_rollout_baseline(hf, ro, pol.chat.eot, dev, autocast, now)
         hf.train()
         hf_opt = torch.optim.Adam(hf.parameters(), lr=1e-5)
-        hf_upd_s = statistics.median([hf_update_baseline(hf, hf_opt, ro, credit, trained, cfg["micro_tokens"], dev,
+        hf_upd_s = statistics.median([hf_update_baseline(hf, hf_opt, ro, credit, trained, train.micro_batch_tokens(cfg, model), dev,
                                                          autocast, now) for _ in range(args.repeats)])
         res.update(hf_generate_s=hf_roll_s, hf_train_s=hf_upd_s, rollout_ratio=hf_roll_s / roll_s,
                    train_ratio=hf_upd_s / upd_s, hf_rollout_mfu=roll_flops / hf_roll_s / peak,

@@ -73,7 +73,7 @@ lr = 1e-5                 # Adam learning rate (full fine-tuning)
 weight_decay = 0.0
 grad_clip = 1.0           # max gradient norm
 skip_no_signal = True     # skip the step when every credit is 0: Adam would turn a tiny entropy/KL gradient into a full step
-micro_tokens = 2560       # tokens per forward/backward (memory: ~1.5 GB per 1000 tokens of SmolLM2 in fp32)
+micro_tokens = 0          # tokens per forward/backward; 0 = per device (CPU 2560: ~1.5 GB per 1000 tokens of SmolLM2 in fp32)
 device = "auto"           # auto | cpu | cuda | cuda:1 ...
 dtype = "auto"            # auto (cuda: bfloat16, cpu: float32) | float32 | bfloat16: autocast dtype (weights stay fp32)
 preset = ""               # "paper": the released hyperparameters (128/64 games, lr 3e-6) on Qwen2.5-1.5B (a GPU)
@@ -150,7 +150,9 @@ def resolve(cfg, given=()):
         cfg["group_size"] = d["group_size"]
     if cfg["entropy_coef"] < 0:
         cfg["entropy_coef"] = 0.01 if cfg["env"] == "ipd" and cfg["algo"] == "adalign" else 0.0
-    for k in ("n_games", "n_rounds", "max_iters", "micro_tokens", "ckpt_interval", "buffer_interval", "buffer_size"):
+    if cfg["micro_tokens"] < 0:
+        sys.exit(f"error: --micro_tokens must be 0 (per device) or positive, got {cfg['micro_tokens']}")
+    for k in ("n_games", "n_rounds", "max_iters", "ckpt_interval", "buffer_interval", "buffer_size"):
         if cfg[k] < 1:
             sys.exit(f"error: --{k} must be at least 1, got {cfg[k]}")
     if cfg["n_games"] % cfg["group_size"]:
@@ -225,6 +227,19 @@ def micro_batches(rows, length, max_tokens):
         L = max(L, int(length[r]))
     return out + [cur] if cur else out
 
+def micro_batch_tokens(cfg, model):
+    """Tokens per forward/backward: --micro_tokens, or 0 = per device: 2560 on a CPU (~4 GB of activations
+    for SmolLM2 in fp32), on CUDA what half the free memory holds (~4 bytes x (8 x n_embd + 5 x n_hidden)
+    per token and layer, an estimate), between 512 and 65536."""
+    if cfg["micro_tokens"] > 0:
+        return cfg["micro_tokens"]
+    dev = next(model.parameters()).device
+    if dev.type != "cuda":
+        return 2560
+    c = model.cfg
+    per_token = 4 * c.n_layer * (8 * c.n_embd + 5 * c.n_hidden)
+    return int(min(max(0.5 * torch.cuda.mem_get_info(dev)[0] / per_token, 512), 65536))
+
 def update(model, ref_model, opt, ro, credit, trained, cfg, autocast):
     """One optimizer step of L = -(1/N) sum C log pi - ent * H + kl * k3, over decision tokens of the
     trained rows, in micro-batches. Returns stats; skips the step if the loss or grads are not finite
@@ -242,27 +257,28 @@ def update(model, ref_model, opt, ro, credit, trained, cfg, autocast):
         return stats
     dev = next(model.parameters()).device
     opt.zero_grad(set_to_none=True)
-    for mb in micro_batches(trained.nonzero().flatten().tolist(), ro.length, cfg["micro_tokens"]):
+    total = torch.zeros(3, device=dev)                                  # loss, entropy, kl sums: read once, at the end
+    for mb in micro_batches(trained.nonzero().flatten().tolist(), ro.length, micro_batch_tokens(cfg, model)):
         L = int(ro.length[mb].max())
-        ids, mask = ro.ids[mb, :L].to(dev), decision[mb, :L].to(dev)
-        if not mask.any():
+        sel = decision[mb, :L]                                          # (b, L) on the CPU: no device sync to test it
+        if not sel.any():
             continue
-        allowed = allowed_all[mb, :L][decision[mb, :L]].to(dev)
-        P = shared_prefix(ids, mask)
+        P = shared_prefix(ro.ids[mb, :L], sel)
+        ids, mask, allowed = ro.ids[mb, :L].to(dev), sel.to(dev), allowed_all[mb, :L][sel].to(dev)
         with autocast:
             logp, ent = model.token_logprobs(ids, mask, allowed, P, cfg["temperature"])
-        c = tok_credit[mb, :L][decision[mb, :L]].to(dev)
+        c = tok_credit[mb, :L][sel].to(dev)
         loss = -(c * logp).sum() - cfg["entropy_coef"] * ent.sum()
+        k3 = torch.zeros((), device=dev)
         if ref_model is not None and cfg["kl_coef"] > 0:
             with torch.no_grad(), autocast:
                 ref_logp, _ = ref_model.token_logprobs(ids, mask, allowed, P, cfg["temperature"])
             diff = ref_logp - logp
-            k3 = diff.exp() - diff - 1                                # k3 estimator of KL(pi || pi_ref)
-            loss = loss + cfg["kl_coef"] * k3.sum()
-            stats["kl"] += k3.sum().item() / n_tok
+            k3 = (diff.exp() - diff - 1).sum()                          # k3 estimator of KL(pi || pi_ref)
+            loss = loss + cfg["kl_coef"] * k3
         (loss / n_tok).backward()
-        stats["loss"] += loss.item() / n_tok
-        stats["entropy"] += ent.sum().item() / n_tok
+        total += torch.stack([loss.detach(), ent.sum().detach(), k3.detach()]) / n_tok
+    stats["loss"], stats["entropy"], stats["kl"] = total.tolist()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
     if not math.isfinite(stats["loss"]) or not torch.isfinite(norm):
         opt.zero_grad(set_to_none=True)
