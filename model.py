@@ -127,23 +127,9 @@ class Attention(nn.Module):
         if past is not None:
             k = torch.cat([past[0].expand(B, -1, -1, -1), k], dim=2)
             v = torch.cat([past[1].expand(B, -1, -1, -1), v], dim=2)
-        if x.device.type == "cpu" and T <= 8 and mask is not None:
-            y = grouped_attention(q, k, v, mask)          # decode on a CPU: SDPA's GQA path is ~10x slower here
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=cfg.n_kv_head != cfg.n_head)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=cfg.n_kv_head != cfg.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), new_kv
-
-def grouped_attention(q, k, v, mask):
-    """Attention of a few new tokens, each group of query heads against its shared KV head, without expanding
-    the KV heads. q (B, nh, T, hd), k and v (B, nkv, S, hd), mask (B, 1, T, S) bool -> (B, nh, T, hd)."""
-    B, nh, T, hd = q.shape
-    nkv = k.size(1)
-    qg = q.reshape(B, nkv, nh // nkv * T, hd)                                   # (B, nkv, g*T, hd)
-    att = (qg @ k.transpose(-1, -2)) * hd ** -0.5                               # (B, nkv, g*T, S)
-    att = att.view(B, nkv, nh // nkv, T, -1).masked_fill(~mask[:, :, None], float("-inf"))
-    y = att.softmax(-1).view(B, nkv, nh // nkv * T, -1) @ v                      # (B, nkv, g*T, hd)
-    return y.view(B, nh, T, hd)
 
 class MLP(nn.Module):
     def __init__(self, cfg):
