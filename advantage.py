@@ -25,12 +25,18 @@ def loo_baseline(G, group, player):
     G_t of the *other* trajectories with the same group (shared environment seed) and the same player id.
     A trajectory alone in its group falls back to the other trajectories of its player id in the whole
     batch (what the released code does with groups of 1); alone in the batch, its baseline is 0.
-    Different player ids never share a baseline. Returns the baseline (B, T); no whitening."""
+    Different player ids never share a baseline. Where every trajectory of a pool has the same G_t, the
+    baseline is G_t itself, so the advantage is exactly 0 (not float noise of ~1e-7 that Adam would turn into
+    a full step). Returns the baseline (B, T); no whitening."""
     def loo(key):
         _, inv = torch.unique(key, return_inverse=True)
-        sums = torch.zeros(int(inv.max()) + 1, G.size(1), dtype=G.dtype).index_add_(0, inv, G)   # (K, T)
+        K, idx = int(inv.max()) + 1, inv[:, None].expand_as(G)
+        sums = torch.zeros(K, G.size(1), dtype=G.dtype).index_add_(0, inv, G)                      # (K, T)
         n = torch.bincount(inv).to(G.dtype)[inv][:, None]                                          # (B, 1)
-        return (sums[inv] - G) / (n - 1).clamp(min=1), n > 1
+        hi = torch.full((K, G.size(1)), -torch.inf, dtype=G.dtype).scatter_reduce(0, idx, G, "amax")
+        lo = torch.full((K, G.size(1)), torch.inf, dtype=G.dtype).scatter_reduce(0, idx, G, "amin")
+        base = torch.where((hi[inv] == lo[inv]) & (n > 1), G, (sums[inv] - G) / (n - 1).clamp(min=1))
+        return base, n > 1
     n_players = int(player.max()) + 1
     in_group, ok_group = loo(group * n_players + player)
     in_batch, ok_batch = loo(player)

@@ -188,7 +188,8 @@ def plot_run(run_dir, path=None):
     keys = [k for k in ("reward_trained", "reward_seat0", "reward_seat1", "welfare", "coop", "invalid",
                         "reward_opponent") if k in log[0]]
     mem = [r for r in log if "memory_one" in r]
-    fig, axes = plt.subplots(1, 3 if mem else 2, figsize=(15 if mem else 10, 4))
+    br = [r for r in log if "best_response" in r]
+    fig, axes = plt.subplots(1, 2 + bool(mem) + bool(br), figsize=(5 * (2 + bool(mem) + bool(br)), 4))
     it = [r["iter"] for r in log]
     for k in keys:
         if k in ("coop", "invalid"):
@@ -200,6 +201,11 @@ def plot_run(run_dir, path=None):
         for k in MEMORY_ONE:
             axes[2].plot([r["iter"] for r in mem], [r["memory_one"][k] for r in mem], marker="o", label=f"P(C|{k})")
         axes[2].set_title("memory-one P(cooperate)"); axes[2].set_ylim(-0.05, 1.05)
+    if br:
+        for k, ls in (("exploiter", "-"), ("policy", "--")):
+            axes[-1].plot([r["iter"] for r in br], [r["best_response"][k] for r in br], ls, marker="o", label=k)
+        axes[-1].axhline(3.2, color="gray", lw=0.5, label="TFT's exploiter (3.2)")
+        axes[-1].set_title("exact best response: reward/round")
     for ax in axes:
         ax.set_xlabel("iteration"); ax.legend(fontsize=7)
     fig.suptitle(run_dir)

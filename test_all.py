@@ -365,6 +365,17 @@ def test_baseline_is_leave_one_out_and_never_mixes_players():
     G2 = G.clone(); G2[0, 0] = 1e6                     # changing a trajectory's own return leaves its baseline
     assert A.loo_baseline(G2, group, player)[0, 0] == b[0, 0]
 
+def test_identical_returns_give_exactly_zero_advantage():
+    """When every game of a baseline pool has the same return, the advantage is exactly 0 (the plain
+    leave-one-out mean leaves ~1e-7 of float noise, which Adam would scale up to a full step), so an
+    all-cooperative IPD iteration is a "no signal" step; one differing game brings the signal back."""
+    r = torch.full((32, 10), 3.0)
+    group, player = torch.arange(32) // 2, torch.arange(32) % 2
+    assert (A.advantages(r, 0.9, group, player, 0.2) == 0).all()
+    r[5, 9] = 5.0
+    adv = A.advantages(r, 0.9, group, player, 0.2)
+    assert adv[5, 9] > 0 and (adv[0::2] == 0).all() and (adv[1::2] != 0).all()   # player 0's pool is untouched
+
 def test_tabular_demo_naive_defects_aa_reciprocates():
     """The classical result with a fixed seed and a small budget: AA learns reciprocity, naive defects."""
     p_n, coop_n = A.train_tabular("naive", iters=60, seed=0)
