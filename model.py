@@ -380,11 +380,14 @@ def random_model(shape, device, dtype):
     hf = dict(s, architectures=[arch], model_type=arch[:-len("ForCausalLM")].lower(), vocab_size=len(tok),
               rms_norm_eps=1e-6, hidden_act="silu", max_position_embeddings=32768,
               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
+    gen = torch.Generator(device).manual_seed(0)                     # the same weights every time, on any device
     with torch.device(device):
         model = Transformer(config_from_hf(hf))
         for n, p in model.named_parameters():
-            torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p) if "norm" in n else torch.nn.init.zeros_(p)
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=0.02, generator=gen)
+            else:
+                torch.nn.init.ones_(p) if "norm" in n else torch.nn.init.zeros_(p)
     model.hf_config = hf
     return model.to(dtype).eval(), tok
 
