@@ -930,3 +930,23 @@ def test_end_tag_automaton(smol):
             states.append(q)
         for k in range(len(ids)):
             assert (states[k] == Q) == ("<<message_end>>" in tok.decode(ids[:k + 1])), (text, k)
+
+def test_ctrl_c_stops_cleanly(tiny_dir, tmp_path):
+    """Ctrl-C during training: one line (no traceback), the last checkpoint intact and resumable, the lock freed."""
+    import signal
+    import subprocess
+    import sys
+    d = tmp_path / "o"
+    p = subprocess.Popen([sys.executable, "train.py", "--env", "ipd", "--model_name", tiny_dir, "--n_games", "2",
+                          "--n_rounds", "2", "--max_iters", "500", "--ckpt_interval", "1", "--out_dir", str(d)],
+                         cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in p.stdout:
+        if line.startswith("iter 2:"):
+            break
+    time.sleep(0.3)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "Traceback" not in err and "interrupted" in err.strip().splitlines()[-1]
+    st = torch.load(d / "ckpt" / "state.pt", weights_only=True)
+    assert st["iter"] >= 2 and not os.path.exists(d / "lock")
