@@ -144,8 +144,7 @@ def hf_rollout_baseline(hf, ro, eot, dev, autocast, now):
 def hf_update_baseline(hf, opt, ro, credit, trained, micro_tokens, dev, autocast, now):
     """The same token-level loss with transformers' forward+backward, plus the same Adam step."""
     tok_credit = train.token_credits(ro, credit)
-    decision, allowed_all = train.decision_tokens(ro)
-    decision &= trained[:, None]
+    decision = ro.decision & trained[:, None]
     n_tok = int(decision.sum())
     t0 = now()
     opt.zero_grad(set_to_none=True)
@@ -156,7 +155,7 @@ def hf_update_baseline(hf, opt, ro, credit, trained, micro_tokens, dev, autocast
         with autocast:
             h = hf.model(input_ids=ids, attention_mask=att).last_hidden_state[:, :-1][mask[:, 1:]]
             logits = hf.lm_head(h).float()
-        logp_all = masked_log_softmax(logits, allowed_all[mb, :L][decision[mb, :L]].to(dev))
+        logp_all = masked_log_softmax(logits, ro.allowed[mb, :L][decision[mb, :L]].to(dev))
         logp = logp_all.gather(1, ids[mask][:, None]).squeeze(1)
         (-(tok_credit[mb, :L][decision[mb, :L]].to(dev) * logp).sum() / n_tok).backward()
     torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
@@ -234,8 +233,7 @@ def main():
     bandwidth_util = (w_bytes + kv_bytes) / bw / decode_step_s if dec else float("nan")
     n_conv = int(ro.length.sum())
     n_sampled = int(ro.action_mask.sum())
-    decision, _ = train.decision_tokens(ro)
-    n_dec = int((decision & trained[:, None]).sum())
+    n_dec = int((ro.decision & trained[:, None]).sum())
     n_train_tok = int(ro.length[trained].sum())
     P = len(pol.chat.first(ro.games[0].intro, "")[0])
     n_mb = len(train.micro_batches(trained.nonzero().flatten().tolist(), ro.length, train.micro_batch_tokens(cfg, model)))

@@ -169,7 +169,9 @@ class Rollout:
     token_round: torch.Tensor    # (N, L) long: round index of each token (-1 on padding)
     sampler_logp: torch.Tensor   # (N, L) float: log-prob of each sampled token under the sampler
     sampler_u: torch.Tensor      # (N, L) float: the uniform each sampled token was drawn with (inverse CDF)
-    allowed: torch.Tensor        # (n_sampled, K) long: tokens the mask allowed, -1 padded; all -1 = free sampling
+    allowed: torch.Tensor        # (N, L, K) long: at each sampled token, the tokens the mask allowed, -1 padded
+                                 #   (all -1: free sampling, or not a sampled token)
+    decision: torch.Tensor       # (N, L) bool: sampled tokens where the sampler had a choice (the loss's tokens)
     rewards: torch.Tensor        # (N, T) float: per-round rewards (unscaled)
     invalid: torch.Tensor        # (N, T) bool: invalid actions (played as the least cooperative move)
     game: torch.Tensor           # (N,) game index
@@ -221,12 +223,7 @@ def rollout(env, policies, seat_policy, n_games, seed, group_size=1, n_rounds=10
 
 def lm_turn(pol, st, acting, games, texts, toks, gen, temperature, constrained, max_msg_tokens, max_action_tokens):
     """One turn for the acting seats of one LM policy: 1. feed their new text, 2. decode until every row
-    ended its reply, 3. record. The decode state of every row lives in tensors on the model's device and a
-    step is the same tensor program for all rows (rows that are done ride along, masked): no Python per row
-    and no host read inside the turn except the every-`check`-steps test that all rows are done."""
-    model, chat, cache = pol.model, pol.chat, st["cache"]
-    dev = cache.valid.device
-    R = len(st["traj"])
+    ended its reply, 3. record. -> {(game, player): reply text}"""
     index = {t: r for r, t in enumerate(st["traj"])}
     rows = [index[2 * gi + p] for gi, p in acting]                              # ascending, as acting is
     options = {tuple(games[gi].options(p) or ()) for gi, p in acting}
@@ -234,8 +231,21 @@ def lm_turn(pol, st, acting, games, texts, toks, gen, temperature, constrained, 
         raise RuntimeError("one lockstep turn mixes different action formats; rollout cannot batch it")
     opts = options.pop() if constrained else ()
     tab = pol.tables(opts)
-    # 1. feed: the text since this row's last turn, after the tokens it sampled then (pending), plus the
-    #    forced start of the action (e.g. the '<' of '<A>'/'<B>'): one ragged chunk, one model call
+    idx, lengths = feed(pol, st, acting, rows, games, texts, toks, tab)
+    budget = max_action_tokens if opts else max_msg_tokens      # free text: tokens before end-of-turn is forced
+    steps = tab.depth if opts else budget                        # the most sampling steps this turn can take
+    u = torch.zeros(steps, len(st["traj"]))
+    if temperature > 0:                                          # the uniforms of the whole turn, drawn at once
+        u[:, rows] = torch.rand(steps, len(rows), generator=gen)
+    out = decode(pol, st["cache"], tab, idx, lengths, rows, u, temperature, budget, None if opts else pol.end_tag())
+    return record_turn(pol, st, tab, acting, rows, games, toks, *out, u)
+
+def feed(pol, st, acting, rows, games, texts, toks, tab):
+    """Each acting row's new text (after the tokens it sampled last turn, not yet in the cache, and before
+    the forced start of its action, e.g. the '<' of '<A>'/'<B>'), recorded. -> one ragged chunk for the
+    model: idx (R, T) and lengths (R,) on its device (0 for rows that do not act)."""
+    model, chat, cache = pol.model, pol.chat, st["cache"]
+    dev = cache.valid.device
     if cache.len == 0:  # the system prompt and intro are the same for all rows: compute them once, copy
         shared = st["shared"]
         one = KVCache(model.cfg, 1, len(shared), dev, cache.k.dtype)
@@ -245,7 +255,7 @@ def lm_turn(pol, st, acting, games, texts, toks, gen, temperature, constrained, 
             record(toks[t], shared, 0)
     elif cache.len > 2 * int(cache.valid.sum(1).max()):
         cache.compact()   # padding slots pile up when few rows act: squeeze them out between turns
-    chunks = [[] for _ in range(R)]
+    chunks = [[] for _ in st["traj"]]
     for (gi, p), r in zip(acting, rows):
         t, g, text = 2 * gi + p, games[gi], texts[(gi, p)]
         if len(toks[t]["ids"]) == len(st["shared"]):   # this seat's first turn
@@ -257,27 +267,27 @@ def lm_turn(pol, st, acting, games, texts, toks, gen, temperature, constrained, 
         for tok in tab.prefix:
             record(toks[t], [tok], g.round, sampled=True, logp=0.0, allowed=[tok])
         chunks[r], st["pending"][r] = st["pending"][r] + ids + tab.prefix, []
-    budget = max_action_tokens if opts else max_msg_tokens      # free text: tokens before end-of-turn is forced
-    steps = tab.depth if opts else budget                        # the most sampling steps this turn can take
-    F = tab.chain.size(2)
-    cache.reserve(max(len(c) for c in chunks) + steps * (1 + F))  # the turn never grows the cache
-    idx = torch.zeros(R, max(len(c) for c in chunks), dtype=torch.long)
+    idx = torch.zeros(len(chunks), max(len(c) for c in chunks), dtype=torch.long)
     for r, c in enumerate(chunks):
         idx[r, :len(c)] = torch.tensor(c, dtype=torch.long)
-    idx, lengths = idx.to(dev), torch.tensor([len(c) for c in chunks], device=dev)
-    # 2. decode. state: a decision state of the compiled trie, FREE text, EOT (end-of-turn only) or DONE
-    acts = torch.zeros(R, dtype=torch.bool)
-    acts[rows] = True
+    return idx.to(dev), torch.tensor([len(c) for c in chunks], device=dev)
+
+@torch.no_grad()
+def decode(pol, cache, tab, idx, lengths, rows, u, temperature, budget, end_tag):
+    """Feed the chunk, then sample until every acting row has ended its reply. The state of every row lives in
+    tensors on the model's device: its trie state (or FREE text, EOT only, DONE), its end-tag automaton state;
+    a step is the same tensor program for all rows (rows that are done ride along, masked). No Python per row
+    and no host read inside the turn but the every-`check`-steps test that all rows are done.
+    u (steps, R): the uniforms of each step. -> (tokens (steps, R, 1 + F): each step's sampled token then
+    its forced run, -1 where nothing; their log-probs (steps, R); the state each was sampled in (steps, R))"""
+    model, eot = pol.model, pol.chat.eot
+    dev, (steps, R), F = idx.device, u.shape, tab.chain.size(2)
+    cache.reserve(idx.size(1) + steps * (1 + F))                # the turn never grows the cache
     state = torch.full((R,), tab.DONE, dtype=torch.long)
-    state[acts] = tab.start if opts else (tab.FREE if budget > 1 else tab.EOT)
-    state, acts = state.to(dev), acts.to(dev)
+    state[rows] = tab.start if end_tag is None else (tab.FREE if budget > 1 else tab.EOT)
+    state, u = state.to(dev), u.to(dev)
     tag = torch.zeros(R, dtype=torch.long, device=dev)          # end-tag automaton state (free text)
-    u = torch.zeros(steps, R)
-    if temperature > 0:                                          # the uniforms of the whole turn, drawn once
-        u[:, rows] = torch.rand(steps, len(rows), generator=gen)
-    u = u.to(dev)
-    end_tag = pol.end_tag() if not opts else None
-    out_tok = torch.full((steps, R, 1 + F), -1, dtype=torch.long, device=dev)   # sampled token, then its forced run
+    out_tok = torch.full((steps, R, 1 + F), -1, dtype=torch.long, device=dev)
     out_logp = torch.zeros(steps, R, device=dev)
     out_state = torch.full((steps, R), tab.DONE, dtype=torch.long, device=dev)
     check = 1 if dev.type == "cpu" else 8
@@ -293,7 +303,7 @@ def lm_turn(pol, st, acting, games, texts, toks, gen, temperature, constrained, 
             tag = end_tag[tag, nxt]
             over = (tag == end_tag.size(0) - 1) | (i + 2 >= budget)
             new = torch.where((state == tab.FREE) & over, tab.EOT, new)
-        new = torch.where((nxt == chat.eot) | (state == tab.EOT) | (state == tab.DONE), tab.DONE, new)
+        new = torch.where((nxt == eot) | (state == tab.EOT) | (state == tab.DONE), tab.DONE, new)
         live = state != tab.DONE
         out_tok[i] = torch.where(live[:, None], torch.cat([nxt[:, None], chain], 1), -1)
         out_logp[i], out_state[i] = logp, state
@@ -302,22 +312,28 @@ def lm_turn(pol, st, acting, games, texts, toks, gen, temperature, constrained, 
         state = new
         if (i + 1) % check == 0 and bool((state == tab.DONE).all()):
             break
-    # 3. record: one read of the turn's buffers
-    out_tok, out_logp, out_state, u = out_tok.cpu(), out_logp.cpu(), out_state.cpu(), u.cpu()
+    return out_tok, out_logp, out_state
+
+def record_turn(pol, st, tab, acting, rows, games, toks, out_tok, out_logp, out_state, u):
+    """One read of the turn's buffers: every token into its trajectory (a sampled one with its log-prob, the
+    allowed set of its state and its uniform; a forced one with log-prob 0), the tokens of the last step
+    kept to be fed with the row's next text. -> {(game, player): reply text}"""
+    chat = pol.chat
+    out_tok, out_logp, out_state = out_tok.cpu(), out_logp.cpu(), out_state.cpu()
     replies = {}
     for (gi, p), r in zip(acting, rows):
         t, g, out = 2 * gi + p, games[gi], list(tab.prefix)
-        for i in range(steps):
+        for i in range(out_state.size(0)):
             s = int(out_state[i, r])
             if s == tab.DONE:
                 break
-            toks_i = [x for x in out_tok[i, r].tolist() if x >= 0]
-            record(toks[t], toks_i[:1], g.round, sampled=True, logp=float(out_logp[i, r]),
-                   allowed=tab.options[s], u=float(u[i, r]))
-            for x in toks_i[1:]:
+            step = [x for x in out_tok[i, r].tolist() if x >= 0]
+            record(toks[t], step[:1], g.round, sampled=True, logp=float(out_logp[i, r]), allowed=tab.options[s],
+                   u=float(u[i, r]))
+            for x in step[1:]:
                 record(toks[t], [x], g.round, sampled=True, logp=0.0, allowed=[x])
-            out += toks_i
-        st["pending"][r] = toks_i                                # the last step's tokens end with end-of-turn
+            out += step
+        st["pending"][r] = step                                  # the last step's tokens end with end-of-turn
         replies[(gi, p)] = chat.tok.decode([x for x in out if x != chat.eot])
     return replies
 
@@ -453,18 +469,23 @@ def pack(toks, games, seat_policy, group_size, n_rounds):
         rnd[i, :n] = torch.tensor(t["rnd"], dtype=torch.long)
         logp[i, :n] = torch.tensor(t["logp"])
         u[i, :n] = torch.tensor(t["u"])
-    allowed_lists = [a for t in toks for a in t["allowed"]]
-    K = max([len(a) for a in allowed_lists if a is not None] + [1])
-    allowed = torch.full((len(allowed_lists), K), -1, dtype=torch.long)
-    for j, a in enumerate(allowed_lists):
-        if a is not None:
-            allowed[j, :len(a)] = torch.tensor(a, dtype=torch.long)
+    K = max([len(a) for t in toks for a in t["allowed"] if a is not None] + [1])
+    allowed = torch.full((N, L, K), -1, dtype=torch.long)
+    decision = torch.zeros(N, L, dtype=torch.bool)
+    for i, t in enumerate(toks):
+        pos = mask[i].nonzero().flatten().tolist()          # the sampled tokens, in order
+        for j, a in zip(pos, t["allowed"]):
+            if a is None:
+                decision[i, j] = True                       # free text: a choice over the whole vocabulary
+            else:
+                allowed[i, j, :len(a)] = torch.tensor(a, dtype=torch.long)
+                decision[i, j] = len(a) > 1                 # forced tokens (one legal choice) carry no gradient
     T = n_rounds
     rewards = torch.tensor([[g.rewards[t][s] for t in range(T)] for g in games for s in (0, 1)], dtype=torch.float)
     invalid = torch.tensor([[g.invalid[t][s] for t in range(T)] for g in games for s in (0, 1)], dtype=torch.bool)
     game = torch.arange(N) // 2
     return Rollout(ids=ids, length=torch.tensor([len(t["ids"]) for t in toks]), action_mask=mask, token_round=rnd,
-                   sampler_logp=logp, sampler_u=u, allowed=allowed, rewards=rewards, invalid=invalid, game=game,
+                   sampler_logp=logp, sampler_u=u, allowed=allowed, decision=decision, rewards=rewards, invalid=invalid, game=game,
                    group=game // group_size, seat=torch.arange(N) % 2,
                    policy=torch.tensor([int(seat_policy[g][s]) for g in range(len(games)) for s in (0, 1)]),
                    games=games)

@@ -470,7 +470,7 @@ def test_update_direction(tiny_dir):
         trained = torch.ones(4, dtype=torch.bool)
         cfg = dict(entropy_coef=0.0, kl_coef=0.0, micro_tokens=500, grad_clip=1.0, temperature=1.0, skip_no_signal=True)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        mask, allowed = TR.decision_tokens(ro)
+        mask, allowed = ro.decision, ro.allowed
         before = model.token_logprobs(ro.ids, mask, allowed[mask])[0].detach()
         stats = TR.update(model, None, opt, ro, torch.full((4, 3), sign), trained, cfg, nullcontext())
         after = model.token_logprobs(ro.ids, mask, allowed[mask])[0].detach()
@@ -786,7 +786,7 @@ def test_sampler_logprobs_equal_training_logprobs(tiny_dir, odd_dir, which, env,
     ro = R.rollout(env, [R.LMPolicy(model, tok)], torch.zeros(2, 2, dtype=torch.long), 2, seed=1, n_rounds=2,
                    temperature=temperature, max_msg_tokens=8)
     assert not ro.invalid.any()
-    logp, _ = model.token_logprobs(ro.ids, ro.action_mask, ro.allowed, temperature=temperature)
+    logp, _ = model.token_logprobs(ro.ids, ro.action_mask, ro.allowed[ro.action_mask], temperature=temperature)
     assert torch.allclose(logp, ro.sampler_logp[ro.action_mask], atol=1e-4)
 
 def test_memory_one_any_tokenizer(odd_dir):
@@ -880,15 +880,13 @@ def test_engine_samples_what_a_plain_decode_samples(tiny_dir, env):
     model, tok = M.load_dir(tiny_dir, "cpu", torch.float32)
     ro = R.rollout(env, [R.LMPolicy(model, tok)], torch.zeros(2, 2, dtype=torch.long), 2, seed=4, n_rounds=2,
                    max_msg_tokens=10)
-    j = 0                                                        # index into ro.allowed (row-major sampled tokens)
     for i in range(ro.ids.size(0)):
         n = int(ro.length[i])
         logits = model(ro.ids[i:i + 1, :n])[0]                   # (n, V): position t-1 predicts token t
         for t in ro.action_mask[i, :n].nonzero().flatten().tolist():
-            lg = R.masked_logits(logits[t - 1:t], ro.allowed[j:j + 1])
+            lg = R.masked_logits(logits[t - 1:t], ro.allowed[i, t:t + 1])
             assert M.sample(lg, 1.0, u=ro.sampler_u[i, t:t + 1]).item() == ro.ids[i, t].item(), (i, t)
-            j += 1
-    assert j == ro.allowed.size(0)
+    assert ro.decision.sum() > 0 and not (ro.decision & ~ro.action_mask).any()
 
 @pytest.mark.parametrize("env", ["ipd", "split", "tas"])
 def test_tables_accept_exactly_the_trie(smol, env):

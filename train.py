@@ -200,15 +200,6 @@ def compute_credits(ro, trained, cfg):
     A_opp = A[torch.arange(A.size(0)) ^ 1]           # rows 2g and 2g+1 are the two seats of game g
     return advantage.credits(cfg["algo"], A, A_opp, cfg["beta"], cfg["gamma"], cfg["jit"]), A
 
-def decision_tokens(ro):
-    """-> decision (N, L) bool: sampled tokens where the sampler had a choice (free text, or more than one
-    legal continuation); allowed (N, L, K): each sampled token's allowed set, -1 padded."""
-    decision = torch.zeros_like(ro.action_mask)
-    decision[ro.action_mask] = (ro.allowed >= 0).sum(1) != 1
-    allowed = torch.full((*ro.ids.shape, ro.allowed.size(1)), -1, dtype=torch.long)
-    allowed[ro.action_mask] = ro.allowed
-    return decision, allowed
-
 def shared_prefix(ids, mask):
     """Length of the token prefix all rows share (the system prompt and game intro) before any scored token."""
     if ids.size(0) < 2:
@@ -247,8 +238,7 @@ def update(model, ref_model, opt, ro, credit, trained, cfg, autocast):
     terms are off too). Adam normalizes a gradient's scale away, so a step driven by the entropy bonus
     alone moves the weights as far as a real one."""
     tok_credit = token_credits(ro, credit)                              # (N, L)
-    decision, allowed_all = decision_tokens(ro)
-    decision &= trained[:, None]
+    decision = ro.decision & trained[:, None]                          # (N, L)
     n_tok = int(decision.sum())
     stats = dict(loss=0.0, entropy=0.0, kl=0.0, n_tok=n_tok, skipped="")
     no_credit = not tok_credit[decision].abs().gt(0).any()
@@ -264,7 +254,7 @@ def update(model, ref_model, opt, ro, credit, trained, cfg, autocast):
         if not sel.any():
             continue
         P = shared_prefix(ro.ids[mb, :L], sel)
-        ids, mask, allowed = ro.ids[mb, :L].to(dev), sel.to(dev), allowed_all[mb, :L][sel].to(dev)
+        ids, mask, allowed = ro.ids[mb, :L].to(dev), sel.to(dev), ro.allowed[mb, :L][sel].to(dev)
         with autocast:
             logp, ent = model.token_logprobs(ids, mask, allowed, P, cfg["temperature"])
         c = tok_credit[mb, :L][sel].to(dev)
