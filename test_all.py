@@ -731,6 +731,13 @@ def test_resume_recovers_and_merges(tiny_dir, tmp_path, capsys):
         TR.main(["--out_dir", str(d), "--resume", "--max_iters", "3"])
     assert "model.safetensors is damaged" in str(e.value)
     w.write_bytes(good)
+    cfg_file = d / "ckpt" / "config.json"
+    cfg_text = cfg_file.read_text()
+    cfg_file.unlink()
+    with pytest.raises(SystemExit) as e:
+        TR.main(["--out_dir", str(d), "--resume", "--max_iters", "3"])
+    assert "no config.json" in str(e.value)
+    cfg_file.write_text(cfg_text)
     (d / "ckpt" / "state.pt").write_bytes(b"garbage")
     with pytest.raises(SystemExit) as e:
         TR.main(["--out_dir", str(d), "--resume", "--max_iters", "3"])
