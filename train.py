@@ -67,7 +67,7 @@ buffer_interval = 10      # AA agent buffer: snapshot the policy every this many
 buffer_size = 4           # AA agent buffer: snapshots kept (bf16, on disk in out_dir/snapshots)
 buffer_prob = 0.5         # AA: probability that a game's opponent is a past snapshot (else the live policy)
 buffer_fixed = ""         # AA: fixed strategies mixed into the agent buffer, comma-separated (e.g. "defector,random")
-buffer_fixed_prob = 0.0   # AA: probability that a game's opponent is one of buffer_fixed (drawn before the above)
+buffer_fixed_prob = 0.0   # AA: probability that a game's opponent is one of buffer_fixed (else snapshot or live, above)
 # optimization
 lr = 1e-5                 # Adam learning rate (full fine-tuning)
 weight_decay = 0.0
@@ -91,7 +91,7 @@ PRESETS = {"paper": dict(lr=3e-6, max_iters=1000, model_name="Qwen/Qwen2.5-1.5B-
 def config_help():
     """The config block above, read from this file: name = default  # comment."""
     src = open(__file__).read().split("# config:")[1].split("# ---")[0]
-    return "\n".join("  --" + line.split("=")[0].strip().ljust(16) + "=" + line.split("=", 1)[1]
+    return "\n".join("  --" + line.split("=")[0].strip().ljust(18) + "=" + line.split("=", 1)[1]
                      for line in src.splitlines() if "=" in line and not line.startswith("#"))
 
 def parse_args(argv, cfg):
