@@ -212,7 +212,7 @@ def main():
         model.eval()
         ro, wall, calls = timed_rollout(model, args.env, pol, G, cfg, rep, autocast, now)
         roll_t.append(wall)
-        credit, _ = train.compute_credits(ro, trained, cfg)
+        credit, _ = train.compute_credits(ro.rewards, trained, cfg)
         model.train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-5)
         t0 = now()

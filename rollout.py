@@ -185,18 +185,21 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(env, policies, seat_policy, n_games, seed, group_size=1, n_rounds=10, temperature=1.0,
-            constrained=True, max_msg_tokens=48, max_action_tokens=24, progress=None):
+            constrained=True, max_msg_tokens=48, max_action_tokens=24, progress=None, local=None):
     """Play n_games of env. policies: list of LMPolicy/FixedPolicy; seat_policy (n_games, 2) indices into it.
-    Games g and g' share the environment seed when g // group_size == g' // group_size."""
+    Games g and g' share the environment seed when g // group_size == g' // group_size.
+    local: the game indices this process plays (a range; default all). The others are stepped as shadows
+    with empty moves, so every process draws the same random numbers in the same order and a game plays
+    the same however the games are split over processes. -> Rollout of the local games."""
     gen = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
+    local = range(n_games) if local is None else local
     games = [envs.make_game(env, seed * 100003 + g // group_size, n_rounds) for g in range(n_games)]
-    N = 2 * n_games
-    toks = [dict(ids=[], sampled=[], rnd=[], logp=[], u=[], allowed=[]) for _ in range(N)]
+    rngs = {g: random.Random(seed * 1_000_003 + g) for g in local}        # fixed strategies' dice, per game
+    toks = {2 * g + s: dict(ids=[], sampled=[], rnd=[], logp=[], u=[], allowed=[]) for g in local for s in (0, 1)}
     rows = {}  # LM policy index -> {"traj": [trajectory ids], "cache": KVCache, "pending": [[ids not yet fed]]}
     for k, pol in enumerate(policies):
         if isinstance(pol, LMPolicy):
-            traj = [2 * g + s for g in range(n_games) for s in (0, 1) if int(seat_policy[g][s]) == k]
+            traj = [2 * g + s for g in local for s in (0, 1) if int(seat_policy[g][s]) == k]
             if traj:
                 m = pol.model
                 rows[k] = dict(traj=traj, pending=[[] for _ in traj], shared=pol.chat.first(games[0].intro, "")[0],
@@ -204,41 +207,45 @@ def rollout(env, policies, seat_policy, n_games, seed, group_size=1, n_rounds=10
     while not all(g.done for g in games):
         acting = [(gi, p) for gi, g in enumerate(games) if not g.done for p in g.to_act()]
         texts = {(gi, p): games[gi].observe(p) for gi, p in acting}
-        replies = {}
+        replies = {(gi, p): "" for gi, p in acting if gi not in local}   # shadows: the schedule, not the play
         for k, pol in enumerate(policies):
             mine = [(gi, p) for gi, p in acting if int(seat_policy[gi][p]) == k]
             if not mine:
                 continue
+            here = [j for j, (gi, p) in enumerate(mine) if gi in local]
             if isinstance(pol, LMPolicy):
-                replies.update(lm_turn(pol, rows[k], mine, games, texts, toks, gen, temperature, constrained,
-                                       max_msg_tokens, max_action_tokens))
+                options = {tuple(games[gi].options(p) or ()) for gi, p in mine}
+                if len(options) > 1:
+                    raise RuntimeError("one lockstep turn mixes different action formats; rollout cannot batch it")
+                opts = options.pop() if constrained else ()
+                tab = pol.tables(opts)
+                budget = max_action_tokens if opts else max_msg_tokens  # free text: tokens before end-of-turn is forced
+                steps = tab.depth if opts else budget                    # the most sampling steps this turn can take
+                u = torch.rand(steps, len(mine), generator=gen) if temperature > 0 else torch.zeros(steps, len(mine))
+                if here:                                                 # the turn's uniforms, drawn at once
+                    replies.update(lm_turn(pol, rows[k], [mine[j] for j in here], games, texts, toks, tab, u[:, here],
+                                           temperature, budget))
             else:
-                for gi, p in mine:
-                    replies[(gi, p)] = pol.reply(games[gi], p, texts[(gi, p)], rng)
+                for gi, p in (mine[j] for j in here):
+                    replies[(gi, p)] = pol.reply(games[gi], p, texts[(gi, p)], rngs[gi])
         for (gi, p), text in replies.items():
             games[gi].act(p, text)
         if progress is not None:
             progress.update(1)
-    return pack(toks, games, seat_policy, group_size, n_rounds)
+    return pack([toks[t] for t in sorted(toks)], [games[g] for g in local], seat_policy[local.start:local.stop],
+                group_size, n_rounds, local.start)
 
-def lm_turn(pol, st, acting, games, texts, toks, gen, temperature, constrained, max_msg_tokens, max_action_tokens):
+def lm_turn(pol, st, acting, games, texts, toks, tab, u, temperature, budget):
     """One turn for the acting seats of one LM policy: 1. feed their new text, 2. decode until every row
-    ended its reply, 3. record. -> {(game, player): reply text}"""
+    ended its reply, 3. record. u (steps, len(acting)): the turn's uniforms. -> {(game, player): reply text}"""
     index = {t: r for r, t in enumerate(st["traj"])}
-    rows = [index[2 * gi + p] for gi, p in acting]                              # ascending, as acting is
-    options = {tuple(games[gi].options(p) or ()) for gi, p in acting}
-    if len(options) > 1:
-        raise RuntimeError("one lockstep turn mixes different action formats; rollout cannot batch it")
-    opts = options.pop() if constrained else ()
-    tab = pol.tables(opts)
+    rows = [index[2 * gi + p] for gi, p in acting]
     idx, lengths = feed(pol, st, acting, rows, games, texts, toks, tab)
-    budget = max_action_tokens if opts else max_msg_tokens      # free text: tokens before end-of-turn is forced
-    steps = tab.depth if opts else budget                        # the most sampling steps this turn can take
-    u = torch.zeros(steps, len(st["traj"]))
-    if temperature > 0:                                          # the uniforms of the whole turn, drawn at once
-        u[:, rows] = torch.rand(steps, len(rows), generator=gen)
-    out = decode(pol, st["cache"], tab, idx, lengths, rows, u, temperature, budget, None if opts else pol.end_tag())
-    return record_turn(pol, st, tab, acting, rows, games, toks, *out, u)
+    u_rows = torch.zeros(u.size(0), len(st["traj"]))
+    u_rows[:, rows] = u
+    free = tab.FREE == 0                                         # no decision states: a free-text turn
+    out = decode(pol, st["cache"], tab, idx, lengths, rows, u_rows, temperature, budget, pol.end_tag() if free else None)
+    return record_turn(pol, st, tab, acting, rows, games, toks, *out, u_rows)
 
 def feed(pol, st, acting, rows, games, texts, toks, tab):
     """Each acting row's new text (after the tokens it sampled last turn, not yet in the cache, and before
@@ -455,8 +462,8 @@ def record(tr, ids, rnd, sampled=False, logp=0.0, allowed=None, u=0.0):
     if sampled:
         tr["allowed"].append(allowed)
 
-def pack(toks, games, seat_policy, group_size, n_rounds):
-    """Lists per trajectory -> padded tensors."""
+def pack(toks, games, seat_policy, group_size, n_rounds, first=0):
+    """Lists per trajectory -> padded tensors. first: the index of the first game (of all the processes')."""
     N, L = len(toks), max(1, max(len(t["ids"]) for t in toks))
     ids = torch.zeros(N, L, dtype=torch.long)
     mask = torch.zeros(N, L, dtype=torch.bool)
@@ -483,7 +490,7 @@ def pack(toks, games, seat_policy, group_size, n_rounds):
     T = n_rounds
     rewards = torch.tensor([[g.rewards[t][s] for t in range(T)] for g in games for s in (0, 1)], dtype=torch.float)
     invalid = torch.tensor([[g.invalid[t][s] for t in range(T)] for g in games for s in (0, 1)], dtype=torch.bool)
-    game = torch.arange(N) // 2
+    game = first + torch.arange(N) // 2
     return Rollout(ids=ids, length=torch.tensor([len(t["ids"]) for t in toks]), action_mask=mask, token_round=rnd,
                    sampler_logp=logp, sampler_u=u, allowed=allowed, decision=decision, rewards=rewards, invalid=invalid, game=game,
                    group=game // group_size, seat=torch.arange(N) % 2,

@@ -955,3 +955,42 @@ def test_ctrl_c_stops_cleanly(tiny_dir, tmp_path):
     assert p.returncode != 0 and "Traceback" not in err and "interrupted" in err.strip().splitlines()[-1]
     st = torch.load(d / "ckpt" / "state.pt", weights_only=True)
     assert st["iter"] >= 2 and not os.path.exists(d / "lock")
+
+# -----------------------------------------------------------------------------
+# several processes (torchrun, gloo on the CPU)
+
+def test_torchrun_two_processes_equal_one(tiny_dir, tmp_path):
+    """torchrun with 2 processes x 2 games plays the same games as 1 process x 4 games and takes the same
+    update: the same log lines (rewards, cooperation, loss) and the same checkpoint weights (fp32; the
+    gradients are summed in another order, so within float tolerance). A world size that does not divide
+    n_games is one line on every rank, before any model loads. Then --resume continues under torchrun."""
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = ["train.py", "--env", "ipd", "--model_name", tiny_dir, "--n_games", "4", "--n_rounds", "3",
+            "--ckpt_interval", "1", "--lr", "1e-3", "--opponent", "random", "--max_iters", "2"]  # (a random opponent:
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    one = subprocess.run([sys.executable] + base + ["--out_dir", str(tmp_path / "one")], cwd=here, env=env,
+                         capture_output=True, text=True)
+    two = subprocess.run(launch + base + ["--out_dir", str(tmp_path / "two")], cwd=here, env=env,
+                         capture_output=True, text=True)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    logs = [[json.loads(l) for l in open(tmp_path / d / "log.jsonl")] for d in ("one", "two")]
+    assert [r["iter"] for r in logs[1]] == [0, 1]
+    for a, b in zip(*logs):
+        for k in ("reward_seat0", "reward_seat1", "reward_trained", "welfare", "coop", "n_tok", "tokens"):
+            assert a[k] == b[k], k
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-9) and not a["skipped"]
+    w1, _ = M.load_dir(str(tmp_path / "one" / "ckpt"), "cpu", torch.float32)
+    w2, _ = M.load_dir(str(tmp_path / "two" / "ckpt"), "cpu", torch.float32)
+    for (n, p), q in zip(w1.named_parameters(), w2.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+    bad = subprocess.run(launch + base + ["--n_games", "3", "--out_dir", str(tmp_path / "bad")], cwd=here, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.count("to be a multiple of 2") == 2   # one line from each rank
+    assert 'train.py", line' not in bad.stderr                     # (the launcher reports the exit its own way)
+    more = subprocess.run(launch + base[:-1] + ["3", "--resume", "--out_dir", str(tmp_path / "two")], cwd=here,
+                          env=env, capture_output=True, text=True)
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert [json.loads(l)["iter"] for l in open(tmp_path / "two" / "log.jsonl")] == [0, 1, 2]

@@ -30,6 +30,7 @@ import time
 from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import advantage
@@ -191,12 +192,14 @@ def token_credits(ro, C):
     """Per-round credits C (N, T) -> per-token credits (N, L), zero where the token is not trained."""
     return torch.where(ro.action_mask, C.gather(1, ro.token_round.clamp(min=0)), 0.0)
 
-def compute_credits(ro, trained, cfg):
+def compute_credits(rewards, trained, cfg):
     """Advantages of every trajectory (own baseline per group and player), then each algorithm's credit.
-    trained (N,) bool: rows whose tokens get gradient. Player id = (trained or not, seat): a frozen
-    opponent never shares a baseline with the trained policy. -> credits (N, T), advantages (N, T)."""
-    player = (~trained).long() * 2 + ro.seat
-    A = advantage.advantages(ro.rewards, cfg["gamma"], ro.group, player, cfg["reward_scale"])
+    rewards (N, T) of all the games (rows 2g, 2g+1: game g's seats); trained (N,) bool: rows whose tokens get
+    gradient. Player id = (trained or not, seat): a frozen opponent never shares a baseline with the trained
+    policy. -> credits (N, T), advantages (N, T)."""
+    seat, group = torch.arange(rewards.size(0)) % 2, torch.arange(rewards.size(0)) // 2 // cfg["group_size"]
+    player = (~trained).long() * 2 + seat
+    A = advantage.advantages(rewards, cfg["gamma"], group, player, cfg["reward_scale"])
     A_opp = A[torch.arange(A.size(0)) ^ 1]           # rows 2g and 2g+1 are the two seats of game g
     return advantage.credits(cfg["algo"], A, A_opp, cfg["beta"], cfg["gamma"], cfg["jit"]), A
 
@@ -231,7 +234,7 @@ def micro_batch_tokens(cfg, model):
     per_token = 4 * c.n_layer * (8 * c.n_embd + 5 * c.n_hidden)
     return int(min(max(0.5 * torch.cuda.mem_get_info(dev)[0] / per_token, 512), 65536))
 
-def update(model, ref_model, opt, ro, credit, trained, cfg, autocast):
+def update(model, ref_model, opt, ro, credit, trained, cfg, autocast, world=1):
     """One optimizer step of L = -(1/N) sum C log pi - ent * H + kl * k3, over decision tokens of the
     trained rows, in micro-batches. Returns stats; skips the step if the loss or grads are not finite
     or if there is no signal: all credits 0 (with skip_no_signal; otherwise only when the entropy and KL
@@ -239,13 +242,16 @@ def update(model, ref_model, opt, ro, credit, trained, cfg, autocast):
     alone moves the weights as far as a real one."""
     tok_credit = token_credits(ro, credit)                              # (N, L)
     decision = ro.decision & trained[:, None]                          # (N, L)
-    n_tok = int(decision.sum())
+    dev = next(model.parameters()).device
+    # the loss is a mean over every process's decision tokens; the ranks agree on skipping
+    counts = all_sum(torch.tensor([decision.sum().item(), tok_credit[decision].abs().gt(0).sum().item()],
+                                  dtype=torch.float64, device=dev), world).tolist()
+    n_tok = int(counts[0])
     stats = dict(loss=0.0, entropy=0.0, kl=0.0, n_tok=n_tok, skipped="")
-    no_credit = not tok_credit[decision].abs().gt(0).any()
+    no_credit = counts[1] == 0
     if n_tok == 0 or no_credit and (cfg["skip_no_signal"] or cfg["entropy_coef"] == cfg["kl_coef"] == 0):
         stats["skipped"] = "no signal"
         return stats
-    dev = next(model.parameters()).device
     opt.zero_grad(set_to_none=True)
     total = torch.zeros(3, device=dev)                                  # loss, entropy, kl sums: read once, at the end
     for mb in micro_batches(trained.nonzero().flatten().tolist(), ro.length, micro_batch_tokens(cfg, model)):
@@ -268,7 +274,12 @@ def update(model, ref_model, opt, ro, credit, trained, cfg, autocast):
             loss = loss + cfg["kl_coef"] * k3
         (loss / n_tok).backward()
         total += torch.stack([loss.detach(), ent.sum().detach(), k3.detach()]) / n_tok
-    stats["loss"], stats["entropy"], stats["kl"] = total.tolist()
+    if world > 1:                                                       # sum the gradients of all ranks
+        for p in model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+    stats["loss"], stats["entropy"], stats["kl"] = all_sum(total, world).tolist()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
     if not math.isfinite(stats["loss"]) or not torch.isfinite(norm):
         opt.zero_grad(set_to_none=True)
@@ -398,11 +409,13 @@ def load_state(ckpt):
         sys.exit(f"error: {f} is damaged or not a train.py checkpoint ({type(e).__name__}): "
                  "restore it, or start a new run with --overwrite true")
 
+def snapshot_path(out_dir, it):
+    return os.path.join(out_dir, "snapshots", f"iter{it:05d}.safetensors")
+
 def save_snapshot(model, out_dir, it):
     from safetensors.torch import save_file
-    d = os.path.join(out_dir, "snapshots")
-    os.makedirs(d, exist_ok=True)
-    f = os.path.join(d, f"iter{it:05d}.safetensors")
+    f = snapshot_path(out_dir, it)
+    os.makedirs(os.path.dirname(f), exist_ok=True)
     sd = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()
           if k != "lm_head.weight" or not model.cfg.tie_embeddings}
     save_file(sd, f + ".tmp")
@@ -465,17 +478,47 @@ def assign_seats(G, cfg, live, opp, fixed, opp_model, snapshots, gen):
     return [live, opp] + fixed, seat_policy, trained
 
 # -----------------------------------------------------------------------------
+# several processes (torchrun): each plays its share of the games, one synchronized update
 
-def metrics(ro, trained, cfg):
-    """Per-round means of the iteration for the log line."""
-    r = ro.rewards                                                    # (N, T)
-    m = {"reward_seat0": r[ro.seat == 0].mean().item(), "reward_seat1": r[ro.seat == 1].mean().item(),
+def setup_distributed():
+    """Under torchrun: join the process group (NCCL with one GPU per rank when CUDA is present, else gloo).
+    -> (rank, world size, this rank's device or None)."""
+    if "RANK" not in os.environ:
+        return 0, 1, None
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return rank, world, f"cuda:{local}"
+    dist.init_process_group("gloo")
+    return rank, world, "cpu"
+
+def gather_rows(x, world, dev):
+    """All ranks' (n, ...) tensors, stacked in rank order (every rank holds the same number of rows)."""
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x, device=dev) for _ in range(world)]
+    dist.all_gather(parts, x.to(dev))
+    return torch.cat(parts).cpu()
+
+def all_sum(x, world):
+    """Sum a tensor over ranks, in place (a no-op in one process)."""
+    if world > 1:
+        dist.all_reduce(x)
+    return x
+
+# -----------------------------------------------------------------------------
+
+def metrics(r, invalid, moves, trained, cfg):
+    """Per-round means of the iteration for the log line. r (N, T) rewards, invalid (N, T), moves (N, T) IPD
+    cooperation, of all the games (every process's)."""
+    seat = torch.arange(r.size(0)) % 2
+    m = {"reward_seat0": r[seat == 0].mean().item(), "reward_seat1": r[seat == 1].mean().item(),
          "reward_trained": r[trained].mean().item(), "welfare": (r[0::2] + r[1::2]).mean().item(),
-         "invalid": ro.invalid[trained].float().mean().item()}
+         "invalid": invalid[trained].float().mean().item()}
     if not trained.all():
         m["reward_opponent"] = r[~trained].mean().item()
     if cfg["env"] == "ipd":
-        moves = cooperation(ro)                                       # (N, T)
         m["coop"] = moves[trained].float().mean().item()
         m["coop_all"] = moves.float().mean().item()
     return m
@@ -483,12 +526,18 @@ def metrics(ro, trained, cfg):
 FIXED_ON_RESUME = ("env", "model_name", "n_rounds")    # what the checkpoint's policy and log are about
 
 def main(argv):
-    # 0. config: the defaults, the command line, on --resume the checkpoint's config under what was given
+    # 0. config: the defaults, the command line, on --resume the checkpoint's config under what was given;
+    #    under torchrun, which rank this is
     cfg = parse_args(argv, {k: v for k, v in globals().items() if k in CONFIG_KEYS})
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    rank, world, rank_dev = setup_distributed()
     ckpt = os.path.join(cfg["out_dir"], "ckpt")
     start, state = 0, None
     if cfg["resume"]:
+        if rank == 0:
+            find_checkpoint(ckpt)                                       # may finish a swap a crash interrupted
+        if world > 1:
+            dist.barrier()
         if not find_checkpoint(ckpt):
             sys.exit(f"error: --resume but no checkpoint at {ckpt}")
         state = load_state(ckpt)
@@ -508,6 +557,11 @@ def main(argv):
             if k not in given:
                 cfg[k] = globals()[k]
     cfg = resolve(cfg, given)
+    if cfg["n_games"] % (world * cfg["group_size"]):
+        sys.exit(f"error: {world} processes need n_games ({cfg['n_games']}) to be a multiple of {world} x group_size "
+                 f"({cfg['group_size']}): each plays whole groups")
+    if rank_dev and cfg["device"] in ("auto", "cuda"):                 # torchrun: one GPU per rank
+        cfg["device"] = rank_dev
     dev, dt = pick_device_dtype(cfg["device"], cfg["dtype"])
     cfg["device"], cfg["dtype"] = dev, dt
     torch.manual_seed(cfg["seed"])
@@ -516,8 +570,18 @@ def main(argv):
         model, tok = load_dir(ckpt, dev, torch.float32) if state else load_model(cfg["model_name"], dev, torch.float32)
     except (OSError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
-    print("config: " + json.dumps(cfg))
-    log = prepare_out_dir(cfg, sum(p.numel() for p in model.parameters()), start)
+    say = print if rank == 0 else (lambda *a, **k: None)               # rank 0 prints, logs and saves
+    say("config: " + json.dumps(cfg))
+    log, err = None, [None]
+    if rank == 0:
+        try:
+            log = prepare_out_dir(cfg, sum(p.numel() for p in model.parameters()), start)
+        except SystemExit as e:
+            err = [str(e)]
+    if world > 1:
+        dist.broadcast_object_list(err, src=0)                          # every rank stops if rank 0 cannot go on
+    if err[0]:
+        sys.exit(err[0])
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     autocast = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16) if dt == "bfloat16" else nullcontext()
@@ -538,6 +602,8 @@ def main(argv):
     if cfg["kl_coef"] > 0:
         ref_model = load_model(cfg["model_name"], dev, torch.float32)[0].eval().requires_grad_(False)
     G = cfg["n_games"]
+    local = range(rank * G // world, (rank + 1) * G // world)          # this rank's games
+    rows = slice(2 * local.start, 2 * local.stop)                      # and their trajectories
     turns = cfg["n_rounds"] * (3 if cfg["env"] == "tas" else 1)
     for it in range(start, cfg["max_iters"]):
         t0 = time.time()
@@ -547,27 +613,39 @@ def main(argv):
         # 2. play
         model.eval()
         t_roll = time.time()
-        with autocast, tqdm(total=turns, desc=f"iter {it}", leave=False, dynamic_ncols=True) as bar:
+        with autocast, tqdm(total=turns, desc=f"iter {it}", leave=False, dynamic_ncols=True, disable=rank > 0) as bar:
             ro = rollout(cfg["env"], policies, seat_policy, G, seed=cfg["seed"] * 1_000_003 + it,
                          group_size=cfg["group_size"], n_rounds=cfg["n_rounds"], temperature=cfg["temperature"],
-                         constrained=cfg["constrained"], max_msg_tokens=cfg["max_msg_tokens"], progress=bar)
+                         constrained=cfg["constrained"], max_msg_tokens=cfg["max_msg_tokens"], progress=bar,
+                         local=local)
         t_roll = time.time() - t_roll
-        # 3. credits, 4. update
-        credit, A = compute_credits(ro, trained, cfg)
+        # 3. credits over every rank's games, 4. update (gradients summed over the ranks)
+        rewards = gather_rows(ro.rewards, world, dev)                   # (2G, T)
+        credit, A = compute_credits(rewards, trained, cfg)
         model.train()
         t_upd = time.time()
-        stats = update(model, ref_model, opt, ro, credit, trained, cfg, autocast)
+        stats = update(model, ref_model, opt, ro, credit[rows], trained[rows], cfg, autocast, world)
         t_upd = time.time() - t_upd
         # 5. agent buffer, log, checkpoint
         if cfg["algo"] == "adalign" and not cfg["opponent"] and (it + 1) % cfg["buffer_interval"] == 0:
-            snapshots.append(save_snapshot(model, cfg["out_dir"], it + 1))
-            for f in snapshots[:-cfg["buffer_size"]]:
-                if os.path.exists(f):
-                    os.remove(f)
-            snapshots = snapshots[-cfg["buffer_size"]:]
+            kept = (snapshots + [snapshot_path(cfg["out_dir"], it + 1)])[-cfg["buffer_size"]:]
+            if rank == 0:
+                save_snapshot(model, cfg["out_dir"], it + 1)
+                for f in set(snapshots) - set(kept):
+                    if os.path.exists(f):
+                        os.remove(f)
+            snapshots = kept
+            if world > 1:
+                dist.barrier()                                          # the snapshot is on disk for every rank
         dt_it = time.time() - t0
-        m = metrics(ro, trained, cfg)
-        n_tokens = int(ro.length.sum())
+        invalid = gather_rows(ro.invalid, world, dev)
+        moves = gather_rows(cooperation(ro), world, dev) if cfg["env"] == "ipd" else None
+        n_tokens = int(all_sum(torch.tensor([int(ro.length.sum())], device=dev), world).item())
+        if rank > 0:
+            if (it + 1) % cfg["ckpt_interval"] == 0 or it + 1 == cfg["max_iters"]:
+                dist.barrier()                                          # wait for rank 0's checkpoint
+            continue
+        m = metrics(rewards, invalid, moves, trained, cfg)
         rec = dict(iter=it, **m, **stats, time=dt_it, rollout_s=t_roll, update_s=t_upd, tokens=n_tokens,
                    tok_per_s=n_tokens / dt_it)
         save_now = (it + 1) % cfg["ckpt_interval"] == 0 or it + 1 == cfg["max_iters"]
@@ -584,8 +662,13 @@ def main(argv):
               f"{dt_it:.1f}s (rollout {t_roll:.1f}, update {t_upd:.1f}) {n_tokens / dt_it:.0f} tok/s", flush=True)
         if save_now:
             save_checkpoint(model, tok, opt, it + 1, cfg, snapshots, ckpt)
-    log.close()
-    os.remove(os.path.join(cfg["out_dir"], "lock"))
+            if world > 1:
+                dist.barrier()
+    if rank == 0:
+        log.close()
+        os.remove(os.path.join(cfg["out_dir"], "lock"))
+    if world > 1:
+        dist.destroy_process_group()
 
 if __name__ == "__main__":
     try:
