@@ -290,12 +290,15 @@ def masked_log_softmax(logits, allowed=None):
     logp = F.log_softmax(logits, dim=-1)
     if allowed is None:
         return logp
-    free = (allowed < 0).all(1, keepdim=True)                                 # (N, 1)
-    N, V = logp.shape                                     # padding (-1) goes to an extra column V, then dropped:
-    slot = torch.where(allowed < 0, V, allowed)           # no write ever lands on a real token id such as 0
-    keep = torch.zeros(N, V + 1, dtype=torch.bool, device=logp.device).scatter_(1, slot, True)[:, :V]
-    logp = torch.where(keep | free, logp, float("-inf"))
+    logp = torch.where(allowed_mask(allowed, logp.size(1)), logp, float("-inf"))
     return logp - logp.logsumexp(-1, keepdim=True)
+
+def allowed_mask(allowed, V):
+    """allowed (N, K) token ids, -1 padded (a row of all -1: every token) -> (N, V) bool."""
+    N = allowed.size(0)                                   # padding (-1) goes to an extra column V, then dropped:
+    slot = torch.where(allowed < 0, V, allowed)           # no write ever lands on a real token id such as 0
+    keep = torch.zeros(N, V + 1, dtype=torch.bool, device=allowed.device).scatter_(1, slot, True)[:, :V]
+    return keep | (allowed < 0).all(1, keepdim=True)
 
 # -----------------------------------------------------------------------------
 # sampling

@@ -7,9 +7,15 @@ new text is appended to that seat's conversation in the persistent KV cache (ear
 recomputed), then the reply is decoded. Actions with a finite format use constrained decoding (SPEC 3.7):
 a trie over the token sequences of the valid action strings (each ending with the end-of-turn token)
 masks the logits, so every action is legal. Runs of forced tokens (a trie node with one child) are fed
-as one chunk without sampling. The loss uses the same masked, renormalized policy (train.py passes
-`allowed`), which makes the update on-policy; `constrained=False` samples actions freely to measure the
-raw model's invalid rate.
+as one chunk without sampling. The loss uses the same masked, renormalized policy (the Rollout records
+each sampled token's allowed set), which makes the update on-policy; `constrained=False` samples actions
+freely to measure the raw model's invalid rate.
+
+The decode loop is built for a GPU: every row's state (its trie state compiled to integer tables, or free
+text with an end-tag automaton) is a tensor, one step is the same tensor program for all rows, the turn's
+random numbers are drawn at once, and the host reads the results once per turn. Every random number comes
+from a CPU generator seeded with (seed, iteration) in a fixed order, so a seed plays the same games on a
+CPU and a GPU, and in one process or split over several (`local`).
 """
 import json
 import os
@@ -22,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 import envs
-from model import KVCache, sample
+from model import KVCache, allowed_mask, sample
 
 SYSTEM = "You are a player in a game. Follow the answer format exactly."
 
@@ -346,10 +352,7 @@ def record_turn(pol, st, tab, acting, rows, games, toks, out_tok, out_logp, out_
 
 def masked_logits(logits, allowed):
     """logits (R, V) with -inf outside each row's allowed ids (R, K), -1 padded; a row of all -1 is free."""
-    R, V = logits.shape
-    slot = torch.where(allowed < 0, V, allowed)                 # padding lands in a spare column, dropped
-    keep = torch.zeros(R, V + 1, dtype=torch.bool, device=logits.device).scatter_(1, slot, True)[:, :V]
-    return torch.where(keep | (allowed < 0).all(1, keepdim=True), logits, float("-inf"))
+    return torch.where(allowed_mask(allowed, logits.size(1)), logits, float("-inf"))
 
 @dataclass
 class Tables:
