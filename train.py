@@ -621,7 +621,7 @@ def main(argv):
         t_roll = time.time() - t_roll
         # 3. credits over every rank's games, 4. update (gradients summed over the ranks)
         rewards = gather_rows(ro.rewards, world, dev)                   # (2G, T)
-        credit, A = compute_credits(rewards, trained, cfg)
+        credit, _ = compute_credits(rewards, trained, cfg)
         model.train()
         t_upd = time.time()
         stats = update(model, ref_model, opt, ro, credit[rows], trained[rows], cfg, autocast, world)
@@ -641,14 +641,14 @@ def main(argv):
         invalid = gather_rows(ro.invalid, world, dev)
         moves = gather_rows(cooperation(ro), world, dev) if cfg["env"] == "ipd" else None
         n_tokens = int(all_sum(torch.tensor([int(ro.length.sum())], device=dev), world).item())
-        if rank > 0:
-            if (it + 1) % cfg["ckpt_interval"] == 0 or it + 1 == cfg["max_iters"]:
-                dist.barrier()                                          # wait for rank 0's checkpoint
+        save_now = (it + 1) % cfg["ckpt_interval"] == 0 or it + 1 == cfg["max_iters"]
+        if rank > 0:                                                    # rank 0 logs and saves
+            if save_now:
+                dist.barrier()                                          # wait for its checkpoint
             continue
         m = metrics(rewards, invalid, moves, trained, cfg)
         rec = dict(iter=it, **m, **stats, time=dt_it, rollout_s=t_roll, update_s=t_upd, tokens=n_tokens,
                    tok_per_s=n_tokens / dt_it)
-        save_now = (it + 1) % cfg["ckpt_interval"] == 0 or it + 1 == cfg["max_iters"]
         if save_now and cfg["env"] == "ipd":
             model.eval()
             rec["memory_one"] = memory_one(live)                        # P(C) at opening, CC, CD, DC, DD
