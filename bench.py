@@ -46,7 +46,8 @@ def clock(dev):
 def matmul_peak(dev, dtype, reps=5):
     """Best FLOP/s of F.linear over a few shapes (median of reps each): the denominator of MFU."""
     now, best = clock(dev), 0.0
-    shapes = ((4096, 4096, 4096), (8192, 2048, 8192)) if dev.type == "cuda" else ((1024, 1024, 1024), (512, 576, 1536))
+    shapes = (((4096, 4096, 4096), (8192, 2048, 8192)) if dev.type == "cuda" else
+              ((1024, 1024, 1024), (512, 576, 1536), (2048, 576, 1536)))             # a square one, the MLP's
     for m, k, n in shapes:
         a, b = torch.randn(m, k, dtype=dtype, device=dev), torch.randn(n, k, dtype=dtype, device=dev)
         for _ in range(2):
