@@ -945,8 +945,9 @@ def test_ctrl_c_stops_cleanly(tiny_dir, tmp_path):
     p = subprocess.Popen([sys.executable, "train.py", "--env", "ipd", "--model_name", tiny_dir, "--n_games", "2",
                           "--n_rounds", "2", "--max_iters", "500", "--ckpt_interval", "1", "--out_dir", str(d)],
                          cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for line in p.stdout:
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a runner started in
+    for line in p.stdout:                                          # the background passes SIGINT on ignored
         if line.startswith("iter 2:"):
             break
     time.sleep(0.3)

@@ -328,10 +328,14 @@ def find_checkpoint(path):
 @contextmanager
 def deferred_interrupt():
     """Hold Ctrl-C (SIGINT) until the block ends, then raise it: a save is never left half done."""
-    hit = []
+    hit, held = [], False
     try:
-        prev = signal.signal(signal.SIGINT, lambda *a: hit.append(1))
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:      # started with Ctrl-C ignored (nohup ... &):
+            prev = signal.signal(signal.SIGINT, lambda *a: hit.append(1))   # keep ignoring it
+            held = True
     except ValueError:                     # not the main thread (e.g. under a test runner): nothing to hold
+        pass
+    if not held:
         yield
         return
     try:
