@@ -188,7 +188,6 @@ def main():
     dev_name, dt = train.pick_device_dtype(args.device, "auto")
     dev = torch.device(dev_name)
     now = clock(dev)
-    dtype = torch.bfloat16 if dt == "bfloat16" else torch.float32
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dt == "bfloat16")
     peak32, peak16, bw = matmul_peak(dev, torch.float32), matmul_peak(dev, torch.bfloat16), bandwidth(dev)
     peak = peak16 if dt == "bfloat16" else peak32

@@ -22,7 +22,6 @@ import atexit
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import sys
