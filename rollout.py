@@ -230,7 +230,7 @@ def rollout(env, policies, seat_policy, n_games, seed, group_size=1, n_rounds=10
                 u = torch.rand(steps, len(mine), generator=gen) if temperature > 0 else torch.zeros(steps, len(mine))
                 if here:                                                 # the turn's uniforms, drawn at once
                     replies.update(lm_turn(pol, rows[k], [mine[j] for j in here], games, texts, toks, tab, u[:, here],
-                                           temperature, budget))
+                                           temperature, budget, None if opts else pol.end_tag()))
             else:
                 for gi, p in (mine[j] for j in here):
                     replies[(gi, p)] = pol.reply(games[gi], p, texts[(gi, p)], rngs[gi])
@@ -241,16 +241,16 @@ def rollout(env, policies, seat_policy, n_games, seed, group_size=1, n_rounds=10
     return pack([toks[t] for t in sorted(toks)], [games[g] for g in local], seat_policy[local.start:local.stop],
                 group_size, n_rounds, local.start)
 
-def lm_turn(pol, st, acting, games, texts, toks, tab, u, temperature, budget):
+def lm_turn(pol, st, acting, games, texts, toks, tab, u, temperature, budget, end_tag):
     """One turn for the acting seats of one LM policy: 1. feed their new text, 2. decode until every row
-    ended its reply, 3. record. u (steps, len(acting)): the turn's uniforms. -> {(game, player): reply text}"""
+    ended its reply, 3. record. u (steps, len(acting)): the turn's uniforms; end_tag: the automaton of a
+    free-text turn (None for an action). -> {(game, player): reply text}"""
     index = {t: r for r, t in enumerate(st["traj"])}
     rows = [index[2 * gi + p] for gi, p in acting]
     idx, lengths = feed(pol, st, acting, rows, games, texts, toks, tab)
     u_rows = torch.zeros(u.size(0), len(st["traj"]))
     u_rows[:, rows] = u
-    free = tab.FREE == 0                                         # no decision states: a free-text turn
-    out = decode(pol, st["cache"], tab, idx, lengths, rows, u_rows, temperature, budget, pol.end_tag() if free else None)
+    out = decode(pol, st["cache"], tab, idx, lengths, rows, u_rows, temperature, budget, end_tag)
     return record_turn(pol, st, tab, acting, rows, games, toks, *out, u_rows)
 
 def feed(pol, st, acting, rows, games, texts, toks, tab):
