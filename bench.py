@@ -29,7 +29,7 @@ import time
 import torch
 
 import train
-from model import KVCache, load_model, masked_log_softmax
+from model import KVCache, cache_dtype, load_model, masked_log_softmax
 from rollout import LMPolicy, rollout
 
 # -----------------------------------------------------------------------------
@@ -104,13 +104,16 @@ def timed_rollout(model, env, pol, G, cfg, seed, autocast, now):
 
 @torch.no_grad()
 def replay(model, calls, autocast, now, dev):
-    """The same extend calls at the same shapes, with nothing around them: the model's share of the rollout."""
-    total = 0.0
-    for B, T, s0, S, lengths, _ in calls:
-        cache = KVCache(model.cfg, B, S, dev, model.lm_head.weight.dtype)
-        cache.len, cache.valid[:, :s0] = s0, True
-        idx = torch.randint(model.cfg.vocab_size, (B, T), device=dev)
-        with autocast:
+    """The same extend calls at the same shapes, with nothing around them: the model's share of the rollout.
+    One cache per batch size, as large as the largest call needs, reused (attention reads only its used slots)."""
+    caches, total = {}, 0.0
+    with autocast:
+        for B, T, s0, S, lengths, _ in calls:
+            if B not in caches:
+                caches[B] = KVCache(model.cfg, B, max(c[3] for c in calls if c[0] == B), dev, cache_dtype(model))
+            cache = caches[B]
+            cache.len, cache.valid[:, :s0] = s0, True
+            idx = torch.randint(model.cfg.vocab_size, (B, T), device=dev)
             t0 = now()
             model.extend(cache, idx, lengths.to(dev))
             total += now() - t0
@@ -206,12 +209,18 @@ def main():
     trained[2 * torch.arange(G) + (torch.arange(G) // cfg["group_size"]) % 2] = True   # AA: one trained seat per game
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    # --- ours
+    # --- ours, after an untimed small iteration (kernels loaded, tables built: a training run's steady state)
+    ro, _, _ = timed_rollout(model, args.env, pol, cfg["group_size"], cfg | {"max_msg_tokens": 8}, 99, autocast, now)
+    model.train()
+    train.update(model, None, torch.optim.Adam(model.parameters(), lr=0.0), ro,
+                 train.compute_credits(ro.rewards, trained[:2 * cfg["group_size"]], cfg)[0],
+                 trained[:2 * cfg["group_size"]], cfg | {"skip_no_signal": False}, autocast)
     roll_t, upd_t = [], []
     for rep in range(args.repeats):
         model.eval()
         ro, wall, calls = timed_rollout(model, args.env, pol, G, cfg, rep, autocast, now)
         roll_t.append(wall)
+        print(f"rollout {rep + 1}/{args.repeats}: {wall:.2f} s, {len(calls)} model calls", flush=True)
         credit, _ = train.compute_credits(ro.rewards, trained, cfg)
         model.train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-5)
@@ -228,7 +237,7 @@ def main():
     decode_step_s = (roll_t[-1] - sum(c[5] for c in calls if c[1] > 8)) / len(dec) if dec else float("nan")
     w_bytes = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n or model.cfg.tie_embeddings)
     w_bytes *= 2 if dt == "bfloat16" else 4
-    kv_per_slot = 2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim * 4    # k and v, fp32 cache
+    kv_per_slot = 2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim * (2 if dt == "bfloat16" else 4)  # k, v
     kv_bytes = statistics.mean([B * (s0 + T) * kv_per_slot for B, T, s0, *_ in dec]) if dec else 0.0
     bandwidth_util = (w_bytes + kv_bytes) / bw / decode_step_s if dec else float("nan")
     n_conv = int(ro.length.sum())
@@ -270,7 +279,7 @@ def main():
               f"{res['rollout_ratio']:.2f}x | {res['rollout_mfu']:.1%} | {res['hf_rollout_mfu']:.1%} |")
         print(f"| update | {upd_s:.2f} | {n_train_tok / upd_s:.0f} | {hf_upd_s:.2f} (fwd+bwd) | {n_train_tok / hf_upd_s:.0f} | "
               f"{res['train_ratio']:.2f}x | {res['train_mfu']:.1%} | {res['hf_train_mfu']:.1%} |")
-    print(json.dumps(res))
+    print(json.dumps({k: None if isinstance(v, float) and v != v else v for k, v in res.items()}))  # NaN -> null
 
 if __name__ == "__main__":
     main()

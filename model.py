@@ -284,6 +284,12 @@ class Transformer(nn.Module):
         last = (lengths - 1).clamp(min=0)
         return self.lm_head(h[torch.arange(B), last]).float()
 
+def cache_dtype(model):
+    """The dtype to keep keys and values in: autocast's where it is on (attention casts them to it at every
+    read anyway, so storing them cast gives the same numbers for half the bytes), else the weights'."""
+    dev = model.lm_head.weight.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else model.lm_head.weight.dtype
+
 def masked_log_softmax(logits, allowed=None):
     """logits (N, V) -> log-probs renormalized over allowed (N, K) token ids (-1 padded; a row of all -1
     means every token), i.e. the policy that constrained decoding samples from."""
@@ -322,7 +328,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=(), gener
     ids of each row (a list of lists), each ending at its first stop id (included)."""
     dev = model.lm_head.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
-    cache = KVCache(model.cfg, B, T + max_new_tokens, dev, model.lm_head.weight.dtype)
+    cache = KVCache(model.cfg, B, T + max_new_tokens, dev, cache_dtype(model))
     idx = torch.zeros(B, T, dtype=torch.long, device=dev)
     for b, p in enumerate(prompts):
         idx[b, :len(p)] = torch.tensor(p)

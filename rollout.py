@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 import envs
-from model import KVCache, allowed_mask, sample
+from model import KVCache, allowed_mask, cache_dtype, sample
 
 SYSTEM = "You are a player in a game. Follow the answer format exactly."
 
@@ -209,7 +209,7 @@ def rollout(env, policies, seat_policy, n_games, seed, group_size=1, n_rounds=10
             if traj:
                 m = pol.model
                 rows[k] = dict(traj=traj, pending=[[] for _ in traj], shared=pol.chat.first(games[0].intro, "")[0],
-                               cache=KVCache(m.cfg, len(traj), 256, m.lm_head.weight.device, m.lm_head.weight.dtype))
+                               cache=KVCache(m.cfg, len(traj), 256, m.lm_head.weight.device, cache_dtype(m)))
     while not all(g.done for g in games):
         acting = [(gi, p) for gi, g in enumerate(games) if not g.done for p in g.to_act()]
         texts = {(gi, p): games[gi].observe(p) for gi, p in acting}

@@ -895,6 +895,26 @@ def test_engine_samples_what_a_plain_decode_samples(tiny_dir, env):
             assert M.sample(lg, 1.0, u=ro.sampler_u[i, t:t + 1]).item() == ro.ids[i, t].item(), (i, t)
     assert ro.decision.sum() > 0 and not (ro.decision & ~ro.action_mask).any()
 
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_bf16_cache_under_autocast_is_exact(tiny_dir, dev):
+    """Under bf16 autocast the KV cache is kept in bf16 (cache_dtype): attention casts fp32 keys and values to
+    bf16 at every read anyway, so the games and log-probs are exactly those of an fp32 cache."""
+    model, tok = M.load_dir(tiny_dir, dev, torch.float32)
+    pol = R.LMPolicy(model, tok)
+    def play(cache_dtype):
+        R.cache_dtype, old = cache_dtype, R.cache_dtype
+        try:
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                return R.rollout("tas", [pol], torch.zeros(2, 2, dtype=torch.long), 2, seed=5, n_rounds=2,
+                                 max_msg_tokens=10)
+        finally:
+            R.cache_dtype = old
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        assert M.cache_dtype(model) == torch.bfloat16
+    assert M.cache_dtype(model) == torch.float32
+    a, b = play(M.cache_dtype), play(lambda m: torch.float32)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.sampler_logp, b.sampler_logp)
+
 @pytest.mark.parametrize("env", ["ipd", "split", "tas"])
 def test_tables_accept_exactly_the_trie(smol, env):
     """Walking the compiled tables (every choice, then its forced run) yields exactly the valid action strings."""
