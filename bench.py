@@ -216,6 +216,7 @@ def main():
                  train.compute_credits(ro.rewards, trained[:2 * cfg["group_size"]], cfg)[0],
                  trained[:2 * cfg["group_size"]], cfg | {"skip_no_signal": False}, autocast)
     roll_t, upd_t = [], []
+    opt = torch.optim.Adam(model.parameters(), lr=1e-5)             # one optimizer, as in training (and the baseline)
     for rep in range(args.repeats):
         model.eval()
         ro, wall, calls = timed_rollout(model, args.env, pol, G, cfg, rep, autocast, now)
@@ -223,7 +224,6 @@ def main():
         print(f"rollout {rep + 1}/{args.repeats}: {wall:.2f} s, {len(calls)} model calls", flush=True)
         credit, _ = train.compute_credits(ro.rewards, trained, cfg)
         model.train()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-5)
         t0 = now()
         stats = train.update(model, None, opt, ro, credit, trained, cfg | {"skip_no_signal": False}, autocast)
         upd_t.append(now() - t0)
