@@ -541,8 +541,9 @@ def convert_gguf(src_dir, gguf_name, out):
 if __name__ == "__main__":
     prompt = " ".join(sys.argv[1:]) or "Say hello in five words."
     t0 = time.time()
-    model, tok = load_model()
-    print(f"loaded {EMBEDDED}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in {time.time() - t0:.1f} s")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok = load_model(device=dev)
+    print(f"loaded {EMBEDDED} on {dev}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in {time.time() - t0:.1f} s")
     ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     t0 = time.time()
