@@ -100,10 +100,11 @@ ITEMS = ("hats", "books", "balls")
 class Split(Game):
     phase = "action"
     intro = ("You and another agent split 10 hats, 10 books and 10 balls, again every round. Each of you values "
-             "each item at 1 or 10 points per unit; values change every round and both players see both. Each of "
-             "you proposes, at the same time, how many of each item to keep. If the two claims on an item add up "
-             "to 10 or less, each gets its claim; otherwise the item is shared in proportion to the claims. "
-             "Your goal is to maximize your total points.")
+             "each item at 1 or 10 points per unit; values change every round and both players see both, listed as "
+             "(hats, books, balls). Each of you proposes, at the same time, how many of each item to keep. If the two "
+             "claims on an item add up to 10 or less, each gets its claim; otherwise the item is shared in proportion "
+             "to the claims. Your goal is to maximize your total points. Answer every round with exactly: "
+             "Proposal: x hats, y books, z balls (whole numbers 0-10).")
     # the 12 value profiles: equal totals for both players, at least one item valued differently
     PROFILES = [(a, b) for a in [(x, y, z) for x in (1, 10) for y in (1, 10) for z in (1, 10)]
                 for b in [(x, y, z) for x in (1, 10) for y in (1, 10) for z in (1, 10)] if sum(a) == sum(b) and a != b]
@@ -112,9 +113,7 @@ class Split(Game):
         self.values = self.rng.choice(self.PROFILES)  # (player 0's, player 1's) per-unit values
         for p in (0, 1):
             mine, theirs = self.values[p], self.values[1 - p]
-            self.inbox[p] += ("\nThis round, your values: " + ", ".join(f"{i} {v}" for i, v in zip(ITEMS, mine)) +
-                              ". The other agent's values: " + ", ".join(f"{i} {v}" for i, v in zip(ITEMS, theirs)) +
-                              ".\nAnswer with exactly: Proposal: x hats, y books, z balls (whole numbers 0-10).")
+            self.inbox[p] += f"\nValues: yours {fmt3(mine)}; the other agent's {fmt3(theirs)}."
         self.pending, self.moves = [0, 1], {}
 
     def options(self, p):
@@ -141,12 +140,13 @@ class Split(Game):
         if not self.done:
             for p in (0, 1):
                 c = claims
-                self.inbox[p] = (f"Last round you proposed {fmt_split(c[p])} and got {r[p]:g} points; the other agent "
-                                 f"proposed {fmt_split(c[1 - p])} and got {r[1 - p]:g} points.")
+                self.inbox[p] = (f"Last round you proposed {fmt3(c[p])} and got {r[p]:g} points; the other agent "
+                                 f"{fmt3(c[1 - p])} and {r[1 - p]:g} points.")
             self.start_round()
 
-def fmt_split(c):
-    return f"{c[0]} hats, {c[1]} books, {c[2]} balls"
+def fmt3(c):
+    """Three numbers in the order (hats, books, balls): '1, 10, 1'."""
+    return ", ".join(f"{x:g}" for x in c)
 
 HANDS = ("rock", "paper", "scissors")
 BEATS = {"rock": "scissors", "paper": "rock", "scissors": "paper"}
@@ -157,9 +157,10 @@ class TAS(Game):
              "values each coin at 10 points, the losing hand at 1 point. You see only your own hand. Each round one "
              "of you writes a message, the other replies, then both propose at the same time how many coins to keep. "
              "If the claims add up to 10 or less, each gets its claim; otherwise the coins are shared in proportion "
-             "to the claims. Your goal is to maximize your total points.")
-    MSG = f"Write one short message between <<message_start>> and {MESSAGE_END}."
-    PROPOSE = "Answer with exactly: <<proposal_start>> x <<proposal_end>> where x is the coins you keep (0-10)."
+             "to the claims. Your goal is to maximize your total points. Write a message as <<message_start>> text "
+             f"{MESSAGE_END}, a proposal as exactly <<proposal_start>> x <<proposal_end>> (x: the coins you keep, 0-10).")
+    MSG = "Your message."
+    PROPOSE = "Your proposal."
 
     def __init__(self, seed, n_rounds=10):
         self.starter = None
@@ -170,7 +171,7 @@ class TAS(Game):
         self.starter = self.rng.randrange(2) if self.starter is None else 1 - self.starter
         self.step, self.messages = 0, ["", ""]
         for p in (0, 1):
-            self.inbox[p] += f"\nNew round. Your hand: {self.hands[p]}."
+            self.inbox[p] += f"\nYour hand: {self.hands[p]}."
         self.inbox[self.starter] += " " + self.MSG
         self.phase, self.pending, self.moves = "message", [self.starter], {}
 
@@ -197,7 +198,7 @@ class TAS(Game):
             p = self.pending[0]
             self.messages[p] = self.message_text(self.moves[p])
             if self.step == 0:  # the other player replies
-                self.inbox[1 - p] += f" The other agent says: {self.messages[p]} " + self.MSG
+                self.inbox[1 - p] += f" The other agent says: {self.messages[p]} Your reply."
                 self.step, self.pending, self.moves = 1, [1 - p], {}
             else:               # both propose
                 self.inbox[1 - p] += f" The other agent replies: {self.messages[p]}"
@@ -218,7 +219,7 @@ class TAS(Game):
         if not self.done:
             for p in (0, 1):
                 self.inbox[p] = (f"Last round the other agent had the {'upper' if self.upper(1 - p) else 'lower'} "
-                                 f"hand and claimed {claims[1 - p]} coins.")
+                                 f"hand and claimed {claims[1 - p]}.")
             self.start_round()
 
 # -----------------------------------------------------------------------------
@@ -294,7 +295,8 @@ IPD_STRATEGIES = {
 
 def split_welfare_max(g, p, rng):
     mine, theirs = g.values[p], g.values[1 - p]
-    return "Proposal: " + fmt_split([10 if a > b else 0 if a < b else 5 for a, b in zip(mine, theirs)])
+    x, y, z = (10 if a > b else 0 if a < b else 5 for a, b in zip(mine, theirs))
+    return f"Proposal: {x} hats, {y} books, {z} balls"
 
 def tas_strategy(honest):
     def play(g, p, rng):
