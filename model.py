@@ -186,6 +186,28 @@ class KVCache:
         self.pos[:] = one.pos
         self.len = one.len
 
+    def take(self, rows, room):
+        """A new cache holding a copy of these rows (a long tensor of row indices) and room for `room` more
+        slots, to extend those rows alone."""
+        L, _, H, _, D = self.k.shape
+        sub = KVCache.__new__(KVCache)
+        sub.k = self.k.new_zeros(L, len(rows), H, self.len + room, D)
+        sub.v = torch.zeros_like(sub.k)
+        sub.valid = self.valid.new_zeros(len(rows), self.len + room)
+        sub.k[:, :, :, :self.len], sub.v[:, :, :, :self.len] = self.k[:, rows, :, :self.len], self.v[:, rows, :, :self.len]
+        sub.valid[:, :self.len], sub.pos, sub.len = self.valid[rows, :self.len], self.pos[rows], self.len
+        return sub
+
+    def put(self, rows, sub):
+        """Write back what take(rows) -> sub gained since: its new slots (invalid for every other row)."""
+        s0, s1 = self.len, sub.len
+        self.reserve(s1 - s0)
+        self.k[:, rows, :, s0:s1], self.v[:, rows, :, s0:s1] = sub.k[:, :, :, s0:s1], sub.v[:, :, :, s0:s1]
+        self.valid[:, s0:s1] = False
+        self.valid[rows, s0:s1] = sub.valid[:, s0:s1]
+        self.pos[rows] = sub.pos
+        self.len = s1
+
     def compact(self):
         """Move each row's valid slots to the front (in order); attention only sees valid slots, so exact."""
         n = int(self.valid.sum(1).max()) if self.len else 0

@@ -248,9 +248,20 @@ def lm_turn(pol, st, acting, games, texts, toks, tab, u, temperature, budget, en
     index = {t: r for r, t in enumerate(st["traj"])}
     rows = [index[2 * gi + p] for gi, p in acting]
     idx, lengths = feed(pol, st, acting, rows, games, texts, toks, tab)
-    u_rows = torch.zeros(u.size(0), len(st["traj"]))
+    cache, R = st["cache"], len(st["traj"])
+    u_rows = torch.zeros(u.size(0), R)
     u_rows[:, rows] = u
-    out = decode(pol, st["cache"], tab, idx, lengths, rows, u_rows, temperature, budget, end_tag)
+    if len(rows) == R:                       # every row acts (IPD, Split, proposals)
+        out = decode(pol, cache, tab, idx, lengths, rows, u_rows, temperature, budget, end_tag)
+    else:                                    # some rows act (a TAS message): decode them alone, then write back
+        sel = torch.tensor(rows, device=idx.device)
+        sub = cache.take(sel, room=idx.size(1) + u.size(0) * (1 + tab.chain.size(2)))
+        part = decode(pol, sub, tab, idx[sel], lengths[sel], range(len(rows)), u, temperature, budget, end_tag)
+        cache.put(sel, sub)
+        out = [torch.full((x.size(0), R, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
+               for x, fill in zip(part, (-1, 0.0, tab.DONE))]
+        for x, p in zip(out, part):
+            x[:, sel] = p
     return record_turn(pol, st, tab, acting, rows, games, toks, *out, u_rows)
 
 def feed(pol, st, acting, rows, games, texts, toks, tab):
