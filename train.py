@@ -48,7 +48,7 @@ max_iters = 30            # training iterations
 ckpt_interval = 10        # checkpoint every this many iterations (and at the end)
 seed = 0
 # games
-n_games = 16              # games per iteration (2 trajectories each)
+n_games = 0               # games per iteration (2 trajectories each); 0 = the env's CPU default (ipd 16, split/tas 8)
 n_rounds = 10             # rounds per game (never told to the players)
 group_size = 0            # games sharing an environment seed; 0 = the env's default (ipd 1, split/tas 8)
 max_msg_tokens = 32       # token budget of a free-text message (tas)
@@ -80,10 +80,10 @@ preset = ""               # "paper": the released hyperparameters (128/64 games,
 # -----------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
 
-ENV_DEFAULTS = {  # SPEC 3: beta, gamma, reward scale, group size, KL
-    "ipd": dict(beta=0.5, gamma=0.9, reward_scale=1 / 5, group_size=1, kl_coef=0.0),
-    "split": dict(beta=1.0, gamma=0.9, reward_scale=1 / 100, group_size=8, kl_coef=0.001),
-    "tas": dict(beta=2.0, gamma=0.96, reward_scale=1 / 100, group_size=8, kl_coef=0.001),
+ENV_DEFAULTS = {  # SPEC 3: beta, gamma, reward scale, group size, KL; n_games: ours for a CPU (the paper: 128 / 64)
+    "ipd": dict(beta=0.5, gamma=0.9, reward_scale=1 / 5, group_size=1, kl_coef=0.0, n_games=16),
+    "split": dict(beta=1.0, gamma=0.9, reward_scale=1 / 100, group_size=8, kl_coef=0.001, n_games=8),
+    "tas": dict(beta=2.0, gamma=0.96, reward_scale=1 / 100, group_size=8, kl_coef=0.001, n_games=8),
 }
 PRESETS = {"paper": dict(lr=3e-6, max_iters=1000, model_name="Qwen/Qwen2.5-1.5B-Instruct", max_msg_tokens=128,
                          n_games={"ipd": 128, "split": 64, "tas": 64})}
@@ -146,8 +146,9 @@ def resolve(cfg, given=()):
     for k in ("beta", "gamma", "reward_scale", "kl_coef"):
         if cfg[k] < 0:
             cfg[k] = d[k]
-    if cfg["group_size"] <= 0:
-        cfg["group_size"] = d["group_size"]
+    for k in ("group_size", "n_games"):
+        if cfg[k] <= 0:
+            cfg[k] = d[k]
     if cfg["entropy_coef"] < 0:
         cfg["entropy_coef"] = 0.01 if cfg["env"] == "ipd" and cfg["algo"] == "adalign" else 0.0
     if cfg["micro_tokens"] < 0:
