@@ -182,7 +182,7 @@ def main():
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--model", default="smollm2-135m", help="embedded model, checkpoint dir, or random:SHAPE "
                     "(smollm2-135m, qwen2.5-1.5b, qwen2.5-7b)")
-    ap.add_argument("--env", default="ipd", choices=["ipd", "split", "tas"])
+    ap.add_argument("--env", default="ipd", choices=["ipd", "split", "tas", "tas_silent"])
     ap.add_argument("--n_games", type=int, default=16)
     ap.add_argument("--max_msg_tokens", type=int, default=32)
     ap.add_argument("--baseline", default="true", choices=["true", "false"], help="also time transformers")

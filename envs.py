@@ -20,14 +20,14 @@ import argparse
 import random
 import re
 
-GAMES = ("ipd", "split", "tas")
+GAMES = ("ipd", "split", "tas", "tas_silent")     # tas_silent: TAS without its messages
 
 MESSAGE_END = "<<message_end>>"     # the end tag of a TAS message (rollout stops a message there)
 
 def make_game(env, seed, n_rounds=10):
     if env not in GAMES:
         raise ValueError(f"unknown env {env!r}: choose one of {', '.join(GAMES)}")
-    return {"ipd": IPD, "split": Split, "tas": TAS}[env](seed, n_rounds)
+    return {"ipd": IPD, "split": Split, "tas": TAS, "tas_silent": SilentTAS}[env](seed, n_rounds)
 
 def proportional(x0, x1, total=10):
     """Claims on one item of `total` units: each gets its claim if they fit, else a proportional share."""
@@ -159,6 +159,7 @@ class TAS(Game):
              "If the claims add up to 10 or less, each gets its claim; otherwise the coins are shared in proportion "
              "to the claims. Your goal is to maximize your total points. Write a message as <<message_start>> text "
              f"{MESSAGE_END}, a proposal as exactly <<proposal_start>> x <<proposal_end>> (x: the coins you keep, 0-10).")
+    talk = True
     MSG = "Your message."
     PROPOSE = "Your proposal."
 
@@ -171,9 +172,12 @@ class TAS(Game):
         self.starter = self.rng.randrange(2) if self.starter is None else 1 - self.starter
         self.step, self.messages = 0, ["", ""]
         for p in (0, 1):
-            self.inbox[p] += f"\nYour hand: {self.hands[p]}."
-        self.inbox[self.starter] += " " + self.MSG
-        self.phase, self.pending, self.moves = "message", [self.starter], {}
+            self.inbox[p] += f"\nYour hand: {self.hands[p]}." + ("" if self.talk else " " + self.PROPOSE)
+        if self.talk:
+            self.inbox[self.starter] += " " + self.MSG
+            self.phase, self.pending, self.moves = "message", [self.starter], {}
+        else:
+            self.phase, self.pending, self.moves = "action", [0, 1], {}
 
     def upper(self, p):
         return BEATS[self.hands[p]] == self.hands[1 - p]
@@ -221,6 +225,16 @@ class TAS(Game):
                 self.inbox[p] = (f"Last round the other agent had the {'upper' if self.upper(1 - p) else 'lower'} "
                                  f"hand and claimed {claims[1 - p]}.")
             self.start_round()
+
+class SilentTAS(TAS):
+    """Trust-and-Split with no messages (does communication matter?): both propose right after seeing their hands."""
+    talk = False
+    intro = ("You and another agent split 10 coins, again every round. Each round you each get a hand: rock, paper or "
+             "scissors, never the same. The winning hand (rock beats scissors, scissors beats paper, paper beats rock) "
+             "values each coin at 10 points, the losing hand at 1 point. You see only your own hand. Each round both "
+             "propose at the same time how many coins to keep. If the claims add up to 10 or less, each gets its "
+             "claim; otherwise the coins are shared in proportion to the claims. Your goal is to maximize your total "
+             "points. Write a proposal as exactly <<proposal_start>> x <<proposal_end>> (x: the coins you keep, 0-10).")
 
 # -----------------------------------------------------------------------------
 # fixed opponents: fn(game, player, rng) -> the text they play. They may read the whole game state.
@@ -310,6 +324,7 @@ STRATEGIES = {
     "ipd": IPD_STRATEGIES,
     "split": {"greedy": lambda g, p, r: "Proposal: 10 hats, 10 books, 10 balls", "welfare_max": split_welfare_max},
     "tas": {"greedy": tas_strategy(honest=False), "honest": tas_strategy(honest=True)},
+    "tas_silent": {"greedy": tas_strategy(honest=False), "honest": tas_strategy(honest=True)},
 }
 
 def play_fixed(env, a, b, seed, n_rounds=10):

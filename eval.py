@@ -121,10 +121,10 @@ def transcript(env, names, ro, a_seat0, k, path):
         lines.append(f"## Game {gi}: seat 0 = {seat_name[0]}, seat 1 = {seat_name[1]}\n")
         for t, info in enumerate(g.info):
             lines.append(f"**Round {t}**")
-            if env == "tas":
+            if env.startswith("tas"):
                 st = info["starter"]
                 lines.append(f"- hands: {info['hands'][0]} / {info['hands'][1]}")
-                for s in (st, 1 - st):
+                for s in (st, 1 - st) if env == "tas" else ():
                     lines.append(f"- seat {s} says: {info['messages'][s]!r}")
                 lines.append(f"- claims: {info['claims'][0]} / {info['claims'][1]} coins")
             elif env == "split":

@@ -227,6 +227,22 @@ def test_reference_values():
     assert tas_exact("greedy", "greedy") == pytest.approx([27.5, 27.5])
     assert tas_exact("greedy", "honest") == pytest.approx([52.5, 25])
 
+def test_silent_tas_has_no_messages_and_the_same_draws():
+    """tas_silent: every turn is a simultaneous proposal (no message phase, no message in any prompt), with the
+    hands, starters and rewards of tas for the same seed and the same (message-independent) strategies."""
+    for seed in range(5):
+        loud, silent = E.play_fixed("tas", "honest", "greedy", seed), E.play_fixed("tas_silent", "honest", "greedy", seed)
+        assert [i["hands"] for i in loud.info] == [i["hands"] for i in silent.info]
+        assert loud.rewards == silent.rewards and all(i["messages"] == ("", "") for i in silent.info)
+    g = E.make_game("tas_silent", 0, 3)
+    while not g.done:
+        assert g.phase == "action" and g.to_act() == [0, 1]
+        texts = [g.observe(p) for p in (0, 1)]
+        assert not any("message" in t for t in texts)
+        for p in (0, 1):
+            g.act(p, "<<proposal_start>> 5 <<proposal_end>>")
+    assert g.rewards[0] in ((50, 5), (5, 50))
+
 def test_ipd_strategies_follow_their_definitions():
     """Each fixed IPD strategy against a scripted opponent sequence plays its textbook moves."""
     script = "AABABBAAAB"
@@ -483,7 +499,7 @@ def run_train(argv):
     TR.main(argv)
     return [json.loads(l) for l in open(os.path.join(argv[argv.index("--out_dir") + 1], "log.jsonl"))]
 
-@pytest.mark.parametrize("env", ["ipd", "split", "tas"])
+@pytest.mark.parametrize("env", ["ipd", "split", "tas", "tas_silent"])
 @pytest.mark.parametrize("algo", ["adalign", "naive", "sum"])
 def test_train_smoke(tiny_dir, tmp_path, env, algo):
     """python train.py --env E --algo A --max_iters 2 runs with a tiny model and writes log and checkpoint."""

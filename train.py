@@ -39,7 +39,7 @@ from rollout import FixedPolicy, LMPolicy, cooperation, memory_one, rollout
 
 # -----------------------------------------------------------------------------
 # config: every knob, with its default. Override with --key value or --key=value.
-env = "ipd"               # ipd | split | tas
+env = "ipd"               # ipd | split | tas | tas_silent (tas without messages)
 model_name = "smollm2-135m"  # embedded model, a HF checkpoint dir, or a HF repo id (needs a hub)
 out_dir = "out"           # checkpoints and log.jsonl go here
 resume = False            # continue from out_dir/ckpt (knobs given on the command line override the checkpoint's)
@@ -84,9 +84,10 @@ ENV_DEFAULTS = {  # SPEC 3: beta, gamma, reward scale, group size, KL; n_games: 
     "ipd": dict(beta=0.5, gamma=0.9, reward_scale=1 / 5, group_size=1, kl_coef=0.0, n_games=16),
     "split": dict(beta=1.0, gamma=0.9, reward_scale=1 / 100, group_size=8, kl_coef=0.001, n_games=8),
     "tas": dict(beta=2.0, gamma=0.96, reward_scale=1 / 100, group_size=8, kl_coef=0.001, n_games=8),
+    "tas_silent": dict(beta=2.0, gamma=0.96, reward_scale=1 / 100, group_size=8, kl_coef=0.001, n_games=8),
 }
 PRESETS = {"paper": dict(lr=3e-6, max_iters=1000, model_name="Qwen/Qwen2.5-1.5B-Instruct", max_msg_tokens=128,
-                         n_games={"ipd": 128, "split": 64, "tas": 64})}
+                         n_games={"ipd": 128, "split": 64, "tas": 64, "tas_silent": 64})}
 
 def config_help():
     """The config block above, read from this file: name = default  # comment."""
@@ -608,7 +609,7 @@ def main(argv):
     G = cfg["n_games"]
     local = range(rank * G // world, (rank + 1) * G // world)          # this rank's games
     rows = slice(2 * local.start, 2 * local.stop)                      # and their trajectories
-    turns = cfg["n_rounds"] * (3 if cfg["env"] == "tas" else 1)
+    turns = cfg["n_rounds"] * (3 if cfg["env"] == "tas" else 1)          # lockstep turns per game
     for it in range(start, cfg["max_iters"]):
         t0 = time.time()
         gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + it)
