@@ -22,7 +22,8 @@ import re
 
 GAMES = ("ipd", "split", "tas", "tas_silent")     # tas_silent: TAS without its messages
 
-MESSAGE_END = "<<message_end>>"     # the end tag of a TAS message (rollout stops a message there)
+MESSAGE_START = "<<message_start>>" # a TAS message's start tag (rollout feeds it: not sampled, not counted in the budget)
+MESSAGE_END = "<<message_end>>"     # its end tag (rollout stops a message there)
 
 def make_game(env, seed, n_rounds=10):
     if env not in GAMES:
@@ -157,7 +158,7 @@ class TAS(Game):
              "values each coin at 10 points, the losing hand at 1 point. You see only your own hand. Each round one "
              "of you writes a message, the other replies, then both propose at the same time how many coins to keep. "
              "If the claims add up to 10 or less, each gets its claim; otherwise the coins are shared in proportion "
-             "to the claims. Your goal is to maximize your total points. Write a message as <<message_start>> text "
+             f"to the claims. Your goal is to maximize your total points. Write a message as {MESSAGE_START} text "
              f"{MESSAGE_END}, a proposal as exactly <<proposal_start>> x <<proposal_end>> (x: the coins you keep, 0-10).")
     talk = True
     MSG = "Your message."

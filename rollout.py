@@ -68,15 +68,19 @@ class LMPolicy:
         self.model, self.tok, self.name, self.chat = model, tok, name, Chat(tok)
         self.compiled, self.end_table = {}, None
 
-    def tables(self, options):
+    def tables(self, options, start=""):
         """The valid strings (each ending with end-of-turn) as a token trie {tok: child}, compiled for the
-        device (Tables); () compiles free text. Cached per option set."""
-        key = tuple(options)
+        device (Tables); () compiles free text, fed `start` first (forced). Cached per option set."""
+        key = (tuple(options), start)
         if key not in self.compiled:
             root = {}
             for s in options:
                 node = root
                 for t in self.chat.encode(s) + [self.chat.eot]:
+                    node = node.setdefault(t, {})
+            if not options and start:                                   # free text after a forced start
+                node = root
+                for t in self.chat.encode(start):
                     node = node.setdefault(t, {})
             self.compiled[key] = compile_trie(root, self.chat.eot, self.model.lm_head.weight.device)
         return self.compiled[key]
@@ -224,7 +228,7 @@ def rollout(env, policies, seat_policy, n_games, seed, group_size=1, n_rounds=10
                 if len(options) > 1:
                     raise RuntimeError("one lockstep turn mixes different action formats; rollout cannot batch it")
                 opts = options.pop() if constrained else ()
-                tab = pol.tables(opts)
+                tab = pol.tables(opts, envs.MESSAGE_START if constrained else "")  # a message's start tag is fed
                 budget = max_action_tokens if opts else max_msg_tokens  # free text: tokens before end-of-turn is forced
                 steps = tab.depth if opts else budget                    # the most sampling steps this turn can take
                 u = torch.rand(steps, len(mine), generator=gen) if temperature > 0 else torch.zeros(steps, len(mine))

@@ -929,6 +929,17 @@ def test_engine_samples_what_a_plain_decode_samples(tiny_dir, env):
             assert M.sample(lg, 1.0, u=ro.sampler_u[i, t:t + 1]).item() == ro.ids[i, t].item(), (i, t)
     assert ro.decision.sum() > 0 and not (ro.decision & ~ro.action_mask).any()
 
+def test_message_start_tag_is_fed_not_sampled(tiny_dir):
+    """TAS messages begin with the start tag, fed as forced tokens (not decisions, outside the budget): every
+    message a player sent came through the tag, and no decision token is part of one."""
+    ro, tok = play(tiny_dir, "tas", n_games=2, group_size=2)
+    tag = tok.encode(E.MESSAGE_START, add_special_tokens=False)
+    for i in range(ro.ids.size(0)):
+        ids, dec = ro.ids[i].tolist(), ro.decision[i].tolist()
+        starts = [j for j in range(len(ids)) if ids[j:j + len(tag)] == tag and ro.action_mask[i, j]]
+        assert len(starts) == len(ro.games[i // 2].info)                # each seat sends one message per round
+        assert not any(dec[j + k] for j in starts for k in range(len(tag)))
+
 @pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=cuda)])
 def test_bf16_cache_under_autocast_is_exact(tiny_dir, dev):
     """Under bf16 autocast the KV cache is kept in bf16 (cache_dtype): attention casts fp32 keys and values to

@@ -66,8 +66,8 @@ opponent = ""             # train one seat against this fixed strategy (envs.py)
 buffer_interval = 10      # AA agent buffer: snapshot the policy every this many iterations
 buffer_size = 4           # AA agent buffer: snapshots kept (bf16, on disk in out_dir/snapshots)
 buffer_prob = 0.5         # AA: probability that a game's opponent is a past snapshot (else the live policy)
-buffer_fixed = ""         # AA: fixed strategies mixed into the agent buffer, comma-separated (e.g. "defector,random")
-buffer_fixed_prob = 0.0   # AA: probability that a game's opponent is one of buffer_fixed (else snapshot or live, above)
+buffer_fixed = "auto"     # AA: fixed strategies mixed into the agent buffer ("defector,random"; "" none; auto: ipd defector, else none)
+buffer_fixed_prob = -1.0  # AA: probability that a game's opponent is one of buffer_fixed (-1: ipd 0.125, else 0)
 # optimization
 lr = 1e-5                 # Adam learning rate (full fine-tuning)
 weight_decay = 0.0
@@ -81,11 +81,14 @@ preset = ""               # "paper": the released hyperparameters (128/64 games,
 CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
 
 ENV_DEFAULTS = {  # SPEC 3: beta, gamma, reward scale, group size, KL; n_games: ours for a CPU (the paper: 128 / 64)
-    "ipd": dict(beta=0.5, gamma=0.9, reward_scale=1 / 5, group_size=1, kl_coef=0.0, n_games=16),
-    "split": dict(beta=1.0, gamma=0.9, reward_scale=1 / 100, group_size=8, kl_coef=0.001, n_games=8),
-    "tas": dict(beta=2.0, gamma=0.96, reward_scale=1 / 100, group_size=8, kl_coef=0.001, n_games=8),
-    "tas_silent": dict(beta=2.0, gamma=0.96, reward_scale=1 / 100, group_size=8, kl_coef=0.001, n_games=8),
+    "ipd": dict(beta=0.5, gamma=0.9, reward_scale=1 / 5, group_size=1, kl_coef=0.0, n_games=16,
+                buffer_fixed="defector", buffer_fixed_prob=0.125),
+    "split": dict(beta=1.0, gamma=0.9, reward_scale=1 / 100, group_size=8, kl_coef=0.001, n_games=8,
+                  buffer_fixed="", buffer_fixed_prob=0.0),
+    "tas": dict(beta=2.0, gamma=0.96, reward_scale=1 / 100, group_size=8, kl_coef=0.001, n_games=8,
+                buffer_fixed="", buffer_fixed_prob=0.0),
 }
+ENV_DEFAULTS["tas_silent"] = ENV_DEFAULTS["tas"]
 PRESETS = {"paper": dict(lr=3e-6, max_iters=1000, model_name="Qwen/Qwen2.5-1.5B-Instruct", max_msg_tokens=128,
                          n_games={"ipd": 128, "split": 64, "tas": 64, "tas_silent": 64})}
 
@@ -144,9 +147,11 @@ def resolve(cfg, given=()):
             if k not in given:                                          # --preset paper --model_name X keeps X
                 cfg[k] = v[cfg["env"]] if isinstance(v, dict) else v
     d = ENV_DEFAULTS[cfg["env"]]
-    for k in ("beta", "gamma", "reward_scale", "kl_coef"):
+    for k in ("beta", "gamma", "reward_scale", "kl_coef", "buffer_fixed_prob"):
         if cfg[k] < 0:
             cfg[k] = d[k]
+    if cfg["buffer_fixed"] == "auto":
+        cfg["buffer_fixed"] = d["buffer_fixed"]
     for k in ("group_size", "n_games"):
         if cfg[k] <= 0:
             cfg[k] = d[k]
