@@ -59,7 +59,7 @@ def make_policy(spec, env, device="cpu", cache=None, api=None):
 # -----------------------------------------------------------------------------
 # face-offs
 
-def faceoff(env, pa, pb, n_games, seed=0, n_rounds=10, group_size=1, temperature=1.0, max_msg_tokens=48):
+def faceoff(env, pa, pb, n_games, seed=0, n_rounds=10, group_size=1, temperature=1.0, max_msg_tokens=16):
     """n_games of pa vs pb, half with pa in seat 0, half in seat 1. -> (figures dict, Rollout, a_is_seat0)."""
     policies = [pa] if pa is pb else [pa, pb]
     b = 0 if pa is pb else 1
@@ -252,7 +252,7 @@ def main(argv=None):
     ap.add_argument("--group_size", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--max_msg_tokens", type=int, default=48)
+    ap.add_argument("--max_msg_tokens", type=int, default=16, help="tas: message budget (train.py's default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--api_timeout", type=float, default=30.0, help="api: seconds per request (capped at 300)")
     ap.add_argument("--api_retries", type=int, default=2, help="api: retries per reply (capped at 5)")

@@ -195,7 +195,7 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(env, policies, seat_policy, n_games, seed, group_size=1, n_rounds=10, temperature=1.0,
-            constrained=True, max_msg_tokens=48, max_action_tokens=24, progress=None, local=None):
+            constrained=True, max_msg_tokens=16, max_action_tokens=24, progress=None, local=None):
     """Play n_games of env. policies: list of LMPolicy/FixedPolicy; seat_policy (n_games, 2) indices into it.
     Games g and g' share the environment seed when g // group_size == g' // group_size.
     local: the game indices this process plays (a range; default all). The others are stepped as shadows

@@ -51,7 +51,7 @@ seed = 0
 n_games = 0               # games per iteration (2 trajectories each); 0 = the env's CPU default (ipd 16, split/tas 8)
 n_rounds = 10             # rounds per game (never told to the players)
 group_size = 0            # games sharing an environment seed; 0 = the env's default (ipd 1, split/tas 8)
-max_msg_tokens = 32       # token budget of a free-text message (tas)
+max_msg_tokens = 16       # sampled tokens of a TAS message after its (fed) start tag, end tag included; the paper: 128
 temperature = 1.0         # sampling temperature during training
 constrained = True        # constrained decoding of actions (SPEC 3.7)
 # algorithm
