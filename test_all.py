@@ -112,6 +112,27 @@ def test_ragged_batch_and_chunks_match_single_pass(smol):
                 assert (logits[b] - ref).abs().max() <= 1e-4 * ref.abs().max()
     assert cache.len == max(len(s) for s in so_far)
 
+def test_cache_take_put_equals_extending_in_place(tiny_dir):
+    """Extending some rows in a copy of their cache rows (take), then writing back (put), leaves the cache as
+    extending them in place with the other rows idle: the same next logits for every row afterwards."""
+    model, _ = M.load_dir(tiny_dir, "cpu", torch.float32)
+    g = torch.Generator().manual_seed(5)
+    first = torch.randint(0, 49152, (4, 6), generator=g)
+    a, b = (M.KVCache(model.cfg, 4, 16, "cpu", torch.float32) for _ in range(2))
+    for c in (a, b):
+        model.extend(c, first, torch.tensor([6, 4, 5, 6]))
+    rows, new = torch.tensor([3, 1]), torch.randint(0, 49152, (2, 3), generator=g)
+    sub = a.take(rows, room=4)
+    model.extend(sub, new, torch.tensor([3, 2]))
+    a.put(rows, sub)
+    full = torch.zeros(4, 3, dtype=torch.long)
+    full[rows] = new
+    model.extend(b, full, torch.tensor([0, 2, 0, 3]))
+    nxt = torch.randint(0, 49152, (4, 1), generator=g)
+    la, lb = (model.extend(c, nxt, torch.ones(4, dtype=torch.long)) for c in (a, b))
+    assert a.len == b.len and torch.equal(a.valid, b.valid) and torch.equal(a.pos, b.pos)
+    assert (la - lb).abs().max() < 1e-5
+
 def test_token_logprobs_match_full_logits(smol):
     """The training path (lm_head only at requested positions) equals log_softmax of full logits."""
     model = smol[0]
