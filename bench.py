@@ -246,7 +246,9 @@ def main():
     decode_step_s = (roll_t[-1] - prefill_s) / len(dec) if dec else float("nan")   # the rest of the wall time
     w_bytes = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n or model.cfg.tie_embeddings)
     w_bytes *= 2 if dt == "bfloat16" else 4
-    kv_per_slot = 2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim * (2 if dt == "bfloat16" else 4)  # k, v
+    with autocast:
+        kv_bytes_per = cache_dtype(model).itemsize                           # the rollout's cache dtype
+    kv_per_slot = 2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim * kv_bytes_per  # k and v
     kv_bytes = statistics.mean([B * (s0 + T) * kv_per_slot for B, T, s0, *_ in dec]) if dec else 0.0
     bandwidth_util = (w_bytes + kv_bytes) / bw / decode_step_s if dec else float("nan")
     n_conv = int(ro.length.sum())

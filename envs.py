@@ -152,14 +152,18 @@ def fmt3(c):
 HANDS = ("rock", "paper", "scissors")
 BEATS = {"rock": "scissors", "paper": "rock", "scissors": "paper"}
 
-class TAS(Game):
-    intro = ("You and another agent split 10 coins, again every round. Each round you each get a hand: rock, paper or "
+# TAS's rules in parts: tas and tas_silent differ only in the message sentences
+TAS_HANDS = ("You and another agent split 10 coins, again every round. Each round you each get a hand: rock, paper or "
              "scissors, never the same. The winning hand (rock beats scissors, scissors beats paper, paper beats rock) "
-             "values each coin at 10 points, the losing hand at 1 point. You see only your own hand. Each round one "
-             "of you writes a message, the other replies, then both propose at the same time how many coins to keep. "
-             "If the claims add up to 10 or less, each gets its claim; otherwise the coins are shared in proportion "
-             f"to the claims. Your goal is to maximize your total points. Write a message as {MESSAGE_START} text "
-             f"{MESSAGE_END}, a proposal as exactly <<proposal_start>> x <<proposal_end>> (x: the coins you keep, 0-10).")
+             "values each coin at 10 points, the losing hand at 1 point. You see only your own hand. ")
+TAS_CLAIMS = ("If the claims add up to 10 or less, each gets its claim; otherwise the coins are shared in proportion to "
+              "the claims. Your goal is to maximize your total points. ")
+TAS_PROPOSAL = "a proposal as exactly <<proposal_start>> x <<proposal_end>> (x: the coins you keep, 0-10)."
+
+class TAS(Game):
+    intro = (TAS_HANDS + "Each round one of you writes a message, the other replies, then both propose at the same time "
+             "how many coins to keep. " + TAS_CLAIMS + f"Write a message as {MESSAGE_START} text {MESSAGE_END}, " +
+             TAS_PROPOSAL)
     talk = True
     MSG = "Your message."
     PROPOSE = "Your proposal."
@@ -230,12 +234,7 @@ class TAS(Game):
 class SilentTAS(TAS):
     """Trust-and-Split with no messages (does communication matter?): both propose right after seeing their hands."""
     talk = False
-    intro = ("You and another agent split 10 coins, again every round. Each round you each get a hand: rock, paper or "
-             "scissors, never the same. The winning hand (rock beats scissors, scissors beats paper, paper beats rock) "
-             "values each coin at 10 points, the losing hand at 1 point. You see only your own hand. Each round both "
-             "propose at the same time how many coins to keep. If the claims add up to 10 or less, each gets its "
-             "claim; otherwise the coins are shared in proportion to the claims. Your goal is to maximize your total "
-             "points. Write a proposal as exactly <<proposal_start>> x <<proposal_end>> (x: the coins you keep, 0-10).")
+    intro = TAS_HANDS + "Each round both propose at the same time how many coins to keep. " + TAS_CLAIMS + "Write " + TAS_PROPOSAL
 
 # -----------------------------------------------------------------------------
 # fixed opponents: fn(game, player, rng) -> the text they play. They may read the whole game state.
@@ -325,8 +324,8 @@ STRATEGIES = {
     "ipd": IPD_STRATEGIES,
     "split": {"greedy": lambda g, p, r: "Proposal: 10 hats, 10 books, 10 balls", "welfare_max": split_welfare_max},
     "tas": {"greedy": tas_strategy(honest=False), "honest": tas_strategy(honest=True)},
-    "tas_silent": {"greedy": tas_strategy(honest=False), "honest": tas_strategy(honest=True)},
 }
+STRATEGIES["tas_silent"] = STRATEGIES["tas"]
 
 def play_fixed(env, a, b, seed, n_rounds=10):
     """One game between two fixed strategies (by name). -> the finished Game."""

@@ -124,7 +124,7 @@ def transcript(env, names, ro, a_seat0, k, path):
             if env.startswith("tas"):
                 st = info["starter"]
                 lines.append(f"- hands: {info['hands'][0]} / {info['hands'][1]}")
-                for s in (st, 1 - st) if env == "tas" else ():
+                for s in (st, 1 - st) if g.talk else ():
                     lines.append(f"- seat {s} says: {info['messages'][s]!r}")
                 lines.append(f"- claims: {info['claims'][0]} / {info['claims'][1]} coins")
             elif env == "split":

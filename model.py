@@ -191,8 +191,8 @@ class KVCache:
         slots, to extend those rows alone."""
         L, _, H, _, D = self.k.shape
         sub = KVCache.__new__(KVCache)
-        sub.k = self.k.new_zeros(L, len(rows), H, self.len + room, D)
-        sub.v = torch.zeros_like(sub.k)
+        sub.k = self.k.new_empty(L, len(rows), H, self.len + room, D)   # a slot is written before it is read
+        sub.v = torch.empty_like(sub.k)
         sub.valid = self.valid.new_zeros(len(rows), self.len + room)
         sub.k[:, :, :, :self.len], sub.v[:, :, :, :self.len] = self.k[:, rows, :, :self.len], self.v[:, rows, :, :self.len]
         sub.valid[:, :self.len], sub.pos, sub.len = self.valid[rows, :self.len], self.pos[rows], self.len

@@ -253,20 +253,20 @@ def lm_turn(pol, st, acting, games, texts, toks, tab, u, temperature, budget, en
     rows = [index[2 * gi + p] for gi, p in acting]
     idx, lengths = feed(pol, st, acting, rows, games, texts, toks, tab)
     cache, R = st["cache"], len(st["traj"])
-    u_rows = torch.zeros(u.size(0), R)
-    u_rows[:, rows] = u
-    if len(rows) == R:                       # every row acts (IPD, Split, proposals)
+    room = idx.size(1) + u.size(0) * (1 + tab.chain.size(2))     # the most slots the turn adds: it never grows mid-turn
+    if len(rows) == R:                       # every row acts (IPD, Split, proposals): decode in place, cache order
+        cache.reserve(room)
+        u_rows = torch.zeros(u.size(0), R)
+        u_rows[:, rows] = u
         out = decode(pol, cache, tab, idx, lengths, rows, u_rows, temperature, budget, end_tag)
+        cols, u = rows, u_rows
     else:                                    # some rows act (a TAS message): decode them alone, then write back
         sel = torch.tensor(rows, device=idx.device)
-        sub = cache.take(sel, room=idx.size(1) + u.size(0) * (1 + tab.chain.size(2)))
-        part = decode(pol, sub, tab, idx[sel], lengths[sel], range(len(rows)), u, temperature, budget, end_tag)
+        sub = cache.take(sel, room)
+        out = decode(pol, sub, tab, idx[sel], lengths[sel], range(len(rows)), u, temperature, budget, end_tag)
         cache.put(sel, sub)
-        out = [torch.full((x.size(0), R, *x.shape[2:]), fill, dtype=x.dtype, device=x.device)
-               for x, fill in zip(part, (-1, 0.0, tab.DONE))]
-        for x, p in zip(out, part):
-            x[:, sel] = p
-    return record_turn(pol, st, tab, acting, rows, games, toks, *out, u_rows)
+        cols = range(len(rows))
+    return record_turn(pol, st, tab, acting, rows, cols, games, toks, *out, u)
 
 def feed(pol, st, acting, rows, games, texts, toks, tab):
     """Each acting row's new text (after the tokens it sampled last turn, not yet in the cache, and before
@@ -306,11 +306,10 @@ def decode(pol, cache, tab, idx, lengths, rows, u, temperature, budget, end_tag)
     tensors on the model's device: its trie state (or FREE text, EOT only, DONE), its end-tag automaton state;
     a step is the same tensor program for all rows (rows that are done ride along, masked). No Python per row
     and no host read inside the turn but the every-`check`-steps test that all rows are done.
-    u (steps, R): the uniforms of each step. -> (tokens (steps, R, 1 + F): each step's sampled token then
+    The cache has room for the turn (lm_turn). u (steps, R): the uniforms of each step. -> (tokens (steps, R, 1 + F): each step's sampled token then
     its forced run, -1 where nothing; their log-probs (steps, R); the state each was sampled in (steps, R))"""
     model, eot = pol.model, pol.chat.eot
     dev, (steps, R), F = idx.device, u.shape, tab.chain.size(2)
-    cache.reserve(idx.size(1) + steps * (1 + F))                # the turn never grows the cache
     state = torch.full((R,), tab.DONE, dtype=torch.long)
     state[rows] = tab.start if end_tag is None else (tab.FREE if budget > 1 else tab.EOT)
     state, u = state.to(dev), u.to(dev)
@@ -342,22 +341,23 @@ def decode(pol, cache, tab, idx, lengths, rows, u, temperature, budget, end_tag)
             break
     return out_tok, out_logp, out_state
 
-def record_turn(pol, st, tab, acting, rows, games, toks, out_tok, out_logp, out_state, u):
+def record_turn(pol, st, tab, acting, rows, cols, games, toks, out_tok, out_logp, out_state, u):
     """One read of the turn's buffers: every token into its trajectory (a sampled one with its log-prob, the
     allowed set of its state and its uniform; a forced one with log-prob 0), the tokens of the last step
-    kept to be fed with the row's next text. -> {(game, player): reply text}"""
+    kept to be fed with the row's next text. rows: each acting seat's cache row; cols: its column in the
+    buffers. -> {(game, player): reply text}"""
     chat = pol.chat
     out_tok, out_logp, out_state = out_tok.cpu(), out_logp.cpu(), out_state.cpu()
     replies = {}
-    for (gi, p), r in zip(acting, rows):
+    for (gi, p), r, c in zip(acting, rows, cols):
         t, g, out = 2 * gi + p, games[gi], list(tab.prefix)
         for i in range(out_state.size(0)):
-            s = int(out_state[i, r])
+            s = int(out_state[i, c])
             if s == tab.DONE:
                 break
-            step = [x for x in out_tok[i, r].tolist() if x >= 0]
-            record(toks[t], step[:1], g.round, sampled=True, logp=float(out_logp[i, r]), allowed=tab.options[s],
-                   u=float(u[i, r]))
+            step = [x for x in out_tok[i, c].tolist() if x >= 0]
+            record(toks[t], step[:1], g.round, sampled=True, logp=float(out_logp[i, c]), allowed=tab.options[s],
+                   u=float(u[i, c]))
             for x in step[1:]:
                 record(toks[t], [x], g.round, sampled=True, logp=0.0, allowed=[x])
             out += step
