@@ -114,7 +114,7 @@ class Split(Game):
         self.values = self.rng.choice(self.PROFILES)  # (player 0's, player 1's) per-unit values
         for p in (0, 1):
             mine, theirs = self.values[p], self.values[1 - p]
-            self.inbox[p] += f"\nValues: yours {fmt3(mine)}; the other agent's {fmt3(theirs)}."
+            self.inbox[p] += f"\nValues: yours {fmt3(mine)}; theirs {fmt3(theirs)}."
         self.pending, self.moves = [0, 1], {}
 
     def options(self, p):
@@ -141,8 +141,8 @@ class Split(Game):
         if not self.done:
             for p in (0, 1):
                 c = claims
-                self.inbox[p] = (f"Last round you proposed {fmt3(c[p])} and got {r[p]:g} points; the other agent "
-                                 f"{fmt3(c[1 - p])} and {r[1 - p]:g} points.")
+                self.inbox[p] = (f"Last round: you proposed {fmt3(c[p])} ({r[p]:.0f} points), the other agent "
+                                 f"{fmt3(c[1 - p])} ({r[1 - p]:.0f} points).")   # points rounded: fewer tokens
             self.start_round()
 
 def fmt3(c):
