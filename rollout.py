@@ -306,8 +306,9 @@ def decode(pol, cache, tab, idx, lengths, rows, u, temperature, budget, end_tag)
     tensors on the model's device: its trie state (or FREE text, EOT only, DONE), its end-tag automaton state;
     a step is the same tensor program for all rows (rows that are done ride along, masked). No Python per row
     and no host read inside the turn but the every-`check`-steps test that all rows are done.
-    The cache has room for the turn (lm_turn). u (steps, R): the uniforms of each step. -> (tokens (steps, R, 1 + F): each step's sampled token then
-    its forced run, -1 where nothing; their log-probs (steps, R); the state each was sampled in (steps, R))"""
+    The cache already has room for the turn (lm_turn). u (steps, R): the uniforms of each step. -> (tokens
+    (steps, R, 1 + F): each step's sampled token then its forced run, -1 where nothing; their log-probs
+    (steps, R); the state each was sampled in (steps, R))"""
     model, eot = pol.model, pol.chat.eot
     dev, (steps, R), F = idx.device, u.shape, tab.chain.size(2)
     state = torch.full((R,), tab.DONE, dtype=torch.long)
