@@ -320,6 +320,11 @@ def tas_strategy(honest):
         return f"<<proposal_start>> {10 if not honest or g.upper(p) else 0} <<proposal_end>>"
     return play
 
+# SPEC 2: welfare per round (both rewards summed) when a fixed strategy plays itself, drawn on learning curves
+WELFARE_REFERENCE = {"ipd": {"cooperator": 6.0, "defector": 2.0}, "split": {"welfare_max": 255.0, "greedy": 165.0},
+                     "tas": {"honest": 100.0, "greedy": 55.0}}
+WELFARE_REFERENCE["tas_silent"] = WELFARE_REFERENCE["tas"]
+
 STRATEGIES = {
     "ipd": IPD_STRATEGIES,
     "split": {"greedy": lambda g, p, r: "Proposal: 10 hats, 10 books, 10 balls", "welfare_max": split_welfare_max},

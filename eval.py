@@ -10,6 +10,7 @@ eval.py: face-offs, the memory-one readout, exploitability, transcripts and plot
     python eval.py --env tas --a out/ckpt --b honest --transcript 2        # readable games (Markdown)
     python eval.py --plot out                                              # learning curves as PNG
     python eval.py --plot runs/aa runs/naive --plot_file cmp.png           # several runs on one figure
+    python eval.py --env split --plot runs/aa runs/naive --plot_file cmp.png  # ... against Split's reference welfare
     python eval.py --env ipd --a out/ckpt --b api:http://127.0.0.1:8000/v1:MODEL   # any OpenAI-style endpoint
     python eval.py --env ipd --a out/ckpt --b human                        # you, at the terminal
 
@@ -214,24 +215,45 @@ def plot_run(run_dir, path=None):
     fig.savefig(path, dpi=90)
     return path
 
-def plot_compare(run_dirs, path):
-    """Several runs on one figure: cooperation and welfare per iteration, the last memory-one readout -> PNG."""
+def smooth(y, k=10):
+    """Trailing mean over the last k points (fewer at the start): per-iteration figures of 8 games are noisy."""
+    return [sum(y[max(0, i - k + 1):i + 1]) / len(y[max(0, i - k + 1):i + 1]) for i in range(len(y))]
+
+def plot_compare(run_dirs, path, env="ipd"):
+    """Several runs on one figure -> PNG. Welfare per iteration (faint) and its 10-iteration mean against the
+    welfare of fixed strategies in self-play (envs.WELFARE_REFERENCE); IPD adds the cooperation rate and the last memory-one readout, Split/TAS the
+    trained seat's reward and the invalid rate."""
     plt = _pyplot()
+    ipd = env == "ipd"
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, ref in envs.WELFARE_REFERENCE[env].items():
+        axes[0].axhline(ref, color="gray", lw=0.7, ls=":")
+        axes[0].annotate(f"{name} x2 ({ref:g})", (0, ref), fontsize=7, color="gray", va="bottom")
     for i, d in enumerate(run_dirs):
         log, c = read_log(d), f"C{i}"
         name = os.path.basename(os.path.normpath(d))
         it = [r["iter"] for r in log]
-        axes[0].plot(it, [r.get("coop", float("nan")) for r in log], color=c, label=name)
-        axes[1].plot(it, [r["welfare"] for r in log], color=c, label=name)
-        mem = [r for r in log if "memory_one" in r]
-        if mem:
-            axes[2].plot(range(len(MEMORY_ONE)), [mem[-1]["memory_one"][k] for k in MEMORY_ONE], marker="o",
-                         color=c, label=f"{name} (iter {mem[-1]['iter']})")
-    axes[0].set_title("cooperation rate"); axes[0].set_ylim(-0.05, 1.05); axes[1].set_title("welfare per round")
-    axes[2].set_title("last memory-one P(cooperate)"); axes[2].set_ylim(-0.05, 1.05)
-    axes[2].set_xticks(range(len(MEMORY_ONE)), list(MEMORY_ONE))
-    for ax in axes[:2]:
+        welfare = [r["welfare"] for r in log]
+        axes[0].plot(it, welfare, color=c, alpha=0.25, lw=0.8)
+        axes[0].plot(it, smooth(welfare), color=c, label=name)
+        if ipd:
+            axes[1].plot(it, [r.get("coop", float("nan")) for r in log], color=c, label=name)
+            mem = [r for r in log if "memory_one" in r]
+            if mem:
+                axes[2].plot(range(len(MEMORY_ONE)), [mem[-1]["memory_one"][k] for k in MEMORY_ONE], marker="o",
+                             color=c, label=f"{name} (iter {mem[-1]['iter']})")
+        else:
+            axes[1].plot(it, smooth([r["reward_trained"] for r in log]), color=c, label=name)
+            axes[2].plot(it, smooth([r["invalid"] for r in log]), color=c, label=name)
+    axes[0].set_title("welfare per round (line: 10-iteration mean)")
+    if ipd:
+        axes[1].set_title("cooperation rate"); axes[1].set_ylim(-0.05, 1.05)
+        axes[2].set_title("last memory-one P(cooperate)"); axes[2].set_ylim(-0.05, 1.05)
+        axes[2].set_xticks(range(len(MEMORY_ONE)), list(MEMORY_ONE))
+    else:
+        axes[1].set_title("trained seat's reward per round (10-iteration mean)")
+        axes[2].set_title("invalid rate (10-iteration mean)"); axes[2].set_ylim(-0.02, 1.02)
+    for ax in axes[:2] if ipd else axes:
         ax.set_xlabel("iteration")
     for ax in axes:
         ax.legend(fontsize=7)
@@ -286,7 +308,7 @@ def main(argv=None):
     cache = {}
     try:
         if args.plot:
-            path = plot_run(args.plot[0]) if len(args.plot) == 1 else plot_compare(args.plot, args.plot_file)
+            path = plot_run(args.plot[0]) if len(args.plot) == 1 else plot_compare(args.plot, args.plot_file, args.env)
             print(f"wrote {path}")
             if args.json:
                 print(json.dumps({"plot": path}))

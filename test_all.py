@@ -847,6 +847,14 @@ def test_memory_one_any_tokenizer(odd_dir):
     logits = model(torch.tensor([shared + first]))[0, -1]
     assert v["opening"] == pytest.approx(torch.softmax(logits[[a[0], b[0]]], -1)[0].item(), abs=1e-5)
 
+def test_welfare_reference_lines_are_the_games_values():
+    """The reference lines drawn on learning curves are what those fixed strategies score in self-play."""
+    for env, refs in E.WELFARE_REFERENCE.items():
+        for name, welfare in refs.items():
+            pol = R.FixedPolicy(env, name)
+            fig = EV.faceoff(env, pol, pol, 240)[0]                         # Split's values are random: 3 s.e.
+            assert fig["welfare"] == pytest.approx(welfare, abs=3 * fig["se_welfare"] + 1e-9), (env, name)
+
 def test_eval_cli_errors(monkeypatch, tmp_path):
     """Bad eval.py input is one line: a negative temperature, a transcript in a missing directory (before any
     game is played), a device this torch lacks, and a human whose input ends."""
