@@ -341,8 +341,11 @@ def main(argv=None):
         elif args.matrix:
             names = [s for s in args.matrix.split(",") if s]
             pols = [make_policy(s, args.env, args.device, cache, api) for s in names]
-            M = [[faceoff(args.env, pa, pb, args.n_games, args.seed, args.n_rounds, args.group_size,
-                          args.temperature, args.max_msg_tokens)[0]["reward_a"] for pb in pols] for pa in pols]
+            M = [[0.0] * len(pols) for _ in pols]
+            for i, j in [(i, j) for i in range(len(pols)) for j in range(i, len(pols))]:   # one face-off per pair
+                fig = faceoff(args.env, pols[i], pols[j], args.n_games, args.seed, args.n_rounds, args.group_size,
+                              args.temperature, args.max_msg_tokens)[0]
+                M[i][j], M[j][i] = fig["reward_a"], fig["reward_b"]
             print("| row vs column | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
             for name, row in zip(names, M):
                 print(f"| {name} | " + " | ".join(f"{x:.2f}" for x in row) + " |")

@@ -855,6 +855,12 @@ def test_welfare_reference_lines_are_the_games_values():
             fig = EV.faceoff(env, pol, pol, 240)[0]                         # Split's values are random: 3 s.e.
             assert fig["welfare"] == pytest.approx(welfare, abs=3 * fig["se_welfare"] + 1e-9), (env, name)
 
+def test_faceoff_matrix_cells(capsys):
+    """eval.py --matrix: each cell is the row player's reward against the column player (SPEC 2 values)."""
+    EV.main(["--env", "ipd", "--matrix", "tit_for_tat,defector,cooperator", "--n_games", "4", "--json"])
+    M = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["matrix"]
+    assert M == [pytest.approx(r) for r in ([3.0, 0.9, 3.0], [1.4, 1.0, 5.0], [3.0, 0.0, 3.0])]
+
 def test_eval_cli_errors(monkeypatch, tmp_path):
     """Bad eval.py input is one line: a negative temperature, a transcript in a missing directory (before any
     game is played), a device this torch lacks, and a human whose input ends."""
