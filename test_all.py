@@ -855,6 +855,17 @@ def test_welfare_reference_lines_are_the_games_values():
             fig = EV.faceoff(env, pol, pol, 240)[0]                         # Split's values are random: 3 s.e.
             assert fig["welfare"] == pytest.approx(welfare, abs=3 * fig["se_welfare"] + 1e-9), (env, name)
 
+def test_claims_readout_of_fixed_strategies():
+    """Split/TAS readouts: welfare-max keeps 10 / 5 / 0 of items worth more / the same / less to it, greedy 10
+    of all; TAS honest claims 10 with the upper hand, 0 with the lower and names its hand, greedy never does."""
+    fig = EV.faceoff("split", R.FixedPolicy("split", "greedy"), R.FixedPolicy("split", "welfare_max"), 8)[0]
+    assert [fig[f"claim_{k}_a"] for k in ("more", "equal", "less")] == [10, 10, 10]
+    assert [fig[f"claim_{k}_b"] for k in ("more", "equal", "less")] == [10, 5, 0]
+    fig = EV.faceoff("tas", R.FixedPolicy("tas", "honest"), R.FixedPolicy("tas", "greedy"), 8)[0]
+    assert (fig["claim_upper_a"], fig["claim_lower_a"], fig["tells_hand_a"]) == (10, 0, 1)
+    assert (fig["claim_upper_b"], fig["claim_lower_b"], fig["tells_hand_b"]) == (10, 10, 0)
+    assert "tells_hand_a" not in EV.faceoff("tas_silent", *[R.FixedPolicy("tas", "honest")] * 2, 2)[0]
+
 def test_faceoff_matrix_cells(capsys):
     """eval.py --matrix: each cell is the row player's reward against the column player (SPEC 2 values)."""
     EV.main(["--env", "ipd", "--matrix", "tit_for_tat,defector,cooperator", "--n_games", "4", "--json"])
