@@ -28,7 +28,8 @@ import torch
 
 import envs
 from model import check_device, load_model
-from rollout import MEMORY_ONE, ApiPolicy, FixedPolicy, HumanPolicy, LMPolicy, cooperation, memory_one, rollout
+from rollout import (MEMORY_ONE, ApiPolicy, FixedPolicy, HumanPolicy, LMPolicy, claim_means, claims, cooperation,
+                     memory_one, rollout)
 
 CLASSIC = {"TFT": (1, 1, 0, 1, 0), "WSLS": (1, 1, 0, 0, 1), "Grudger": (1, 1, 0, 0, 0), "ALLC": (1, 1, 1, 1, 1),
            "ALLD": (0, 0, 0, 0, 0), "GTFT": (1, 1, 1 / 3, 1, 1 / 3)}  # (opening, CC, CD, DC, DD)
@@ -85,37 +86,18 @@ def faceoff(env, pa, pb, n_games, seed=0, n_rounds=10, group_size=1, temperature
         out.update(coop_a=coop[a_row].mean().item(), coop_b=coop[b_row].mean().item(),
                    coop_by_round_a=coop[a_row].mean(0).tolist(), coop_by_round_b=coop[b_row].mean(0).tolist())
     if env != "ipd":
-        for who, seats in (("a", (~a_seat0).long()), ("b", a_seat0.long())):
-            out.update({f"{k}_{who}": v for k, v in claims_readout(env, ro.games, seats.tolist()).items()})
+        x = claims(ro, env)                                                 # (N, K, 2)
+        for who, rows in (("a", a_row), ("b", b_row)):
+            out.update({f"{k}_{who}": v for k, v in claim_means(x[rows].sum(0), env).items()})
     for who, pol in (("a", pa), ("b", pb)):
         if isinstance(pol, ApiPolicy):
             out[f"api_failures_{who}"] = pol.failures - failed_before[id(pol)]
     return out, ro, a_seat0
 
+# table headings of rollout.claims' readout
 READOUT = {"claim_more": "kept of an item worth more to it", "claim_equal": "... worth the same",
            "claim_less": "... worth less to it", "claim_upper": "coins claimed, upper hand",
            "claim_lower": "... lower hand", "tells_hand": "messages naming its own hand"}
-
-def claims_readout(env, games, seats):
-    """How a player's claims follow the situation, over its rounds (seats: its seat in each game). Split: mean
-    units kept of an item it values more than / as much as / less than the other (welfare-max 10 / 5 / 0,
-    greedy 10 / 10 / 10). TAS: mean coins claimed with the upper / the lower hand (honest 10 / 0, greedy
-    10 / 10), and the share of its messages that name its own hand and no other (honest 1, greedy 0)."""
-    tot = {}
-    def add(key, x):
-        s = tot.setdefault(key, [0.0, 0])
-        s[0], s[1] = s[0] + x, s[1] + 1
-    for g, p in zip(games, seats):
-        for info in g.info:
-            if env == "split":
-                for mine, theirs, kept in zip(info["values"][p], info["values"][1 - p], info["claims"][p]):
-                    add("claim_" + ("more" if mine > theirs else "less" if mine < theirs else "equal"), kept)
-                continue
-            hand = info["hands"][p]
-            add("claim_upper" if envs.BEATS[hand] == info["hands"][1 - p] else "claim_lower", info["claims"][p])
-            if g.talk:
-                add("tells_hand", float({h for h in envs.HANDS if h in info["messages"][p].lower()} == {hand}))
-    return {k: s / n for k, (s, n) in tot.items()}
 
 def se(x):
     return (x.std().item() / math.sqrt(len(x))) if len(x) > 1 else float("nan")

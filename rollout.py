@@ -520,6 +520,34 @@ def cooperation(ro):
     """IPD: (N, T) bool, True where trajectory i cooperated in round t (rows as in the Rollout)."""
     return torch.tensor([[i["moves"][s] == "A" for i in g.info] for g in ro.games for s in (0, 1)])
 
+CLAIMS = {"split": ("claim_more", "claim_equal", "claim_less"), "tas": ("claim_upper", "claim_lower", "tells_hand"),
+          "tas_silent": ("claim_upper", "claim_lower")}
+
+def claims(ro, env):
+    """Split/TAS: what each trajectory claimed, by situation -> (N, K, 2) sum and count over its rounds, K as in
+    CLAIMS[env]. Split: units kept of an item worth more than / as much as / less than to the other (welfare-max
+    10 / 5 / 0, greedy 10 / 10 / 10). TAS: coins claimed with the upper / the lower hand (honest 10 / 0, greedy
+    10 / 10), and messages that name its own hand and no other (honest 1, greedy 0)."""
+    out = torch.zeros(2 * len(ro.games), len(CLAIMS[env]), 2)
+    for gi, g in enumerate(ro.games):
+        for p in (0, 1):
+            for info in g.info:
+                if env == "split":
+                    for mine, theirs, kept in zip(info["values"][p], info["values"][1 - p], info["claims"][p]):
+                        out[2 * gi + p, 0 if mine > theirs else 2 if mine < theirs else 1] += torch.tensor([kept, 1.0])
+                    continue
+                hand = info["hands"][p]
+                upper = envs.BEATS[hand] == info["hands"][1 - p]
+                out[2 * gi + p, 0 if upper else 1] += torch.tensor([info["claims"][p], 1.0])
+                if g.talk:
+                    named = {h for h in envs.HANDS if h in info["messages"][p].lower()}
+                    out[2 * gi + p, 2] += torch.tensor([float(named == {hand}), 1.0])
+    return out
+
+def claim_means(x, env):
+    """claims() of the rows to average, summed over rows first: (K, 2) -> {key: mean} (keys never seen left out)."""
+    return {k: (s / n).item() for k, (s, n) in zip(CLAIMS[env], x) if n > 0}
+
 # -----------------------------------------------------------------------------
 # exact action probabilities (the memory-one readout of SPEC 4)
 

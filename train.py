@@ -35,7 +35,7 @@ from tqdm import tqdm
 import advantage
 import envs
 from model import check_device, load_dir, load_model, save_pretrained
-from rollout import FixedPolicy, LMPolicy, cooperation, memory_one, rollout
+from rollout import CLAIMS, FixedPolicy, LMPolicy, claim_means, claims, cooperation, memory_one, rollout
 
 # -----------------------------------------------------------------------------
 # config: every knob, with its default. Override with --key value or --key=value.
@@ -519,9 +519,9 @@ def all_sum(x, world):
 
 # -----------------------------------------------------------------------------
 
-def metrics(r, invalid, moves, trained, cfg):
-    """Per-round means of the iteration for the log line. r (N, T) rewards, invalid (N, T), moves (N, T) IPD
-    cooperation, of all the games (every process's)."""
+def metrics(r, invalid, play, trained, cfg):
+    """Per-round means of the iteration for the log line. r (N, T) rewards, invalid (N, T), play: IPD
+    cooperation (N, T) or the Split/TAS claims (N, K, 2) of rollout.claims; all the games (every process's)."""
     seat = torch.arange(r.size(0)) % 2
     m = {"reward_seat0": r[seat == 0].mean().item(), "reward_seat1": r[seat == 1].mean().item(),
          "reward_trained": r[trained].mean().item(), "welfare": (r[0::2] + r[1::2]).mean().item(),
@@ -529,8 +529,10 @@ def metrics(r, invalid, moves, trained, cfg):
     if not trained.all():
         m["reward_opponent"] = r[~trained].mean().item()
     if cfg["env"] == "ipd":
-        m["coop"] = moves[trained].float().mean().item()
-        m["coop_all"] = moves.float().mean().item()
+        m["coop"] = play[trained].float().mean().item()
+        m["coop_all"] = play.float().mean().item()
+    else:
+        m.update(claim_means(play[trained].sum(0), cfg["env"]))        # the trained seats' claims by situation
     return m
 
 FIXED_ON_RESUME = ("env", "model_name", "n_rounds")    # what the checkpoint's policy and log are about
@@ -649,14 +651,14 @@ def main(argv):
                 dist.barrier()                                          # the snapshot is on disk for every rank
         dt_it = time.time() - t0
         invalid = gather_rows(ro.invalid, world, dev)
-        moves = gather_rows(cooperation(ro), world, dev) if cfg["env"] == "ipd" else None
+        play = gather_rows(cooperation(ro) if cfg["env"] == "ipd" else claims(ro, cfg["env"]), world, dev)
         n_tokens = int(all_sum(torch.tensor([int(ro.length.sum())], device=dev), world).item())
         save_now = (it + 1) % cfg["ckpt_interval"] == 0 or it + 1 == cfg["max_iters"]
         if rank > 0:                                                    # rank 0 logs and saves
             if save_now:
                 dist.barrier()                                          # wait for its checkpoint
             continue
-        m = metrics(rewards, invalid, moves, trained, cfg)
+        m = metrics(rewards, invalid, play, trained, cfg)
         rec = dict(iter=it, **m, **stats, time=dt_it, rollout_s=t_roll, update_s=t_upd, tokens=n_tokens,
                    tok_per_s=n_tokens / dt_it)
         if save_now and cfg["env"] == "ipd":
@@ -666,6 +668,7 @@ def main(argv):
         log.write(json.dumps(rec) + "\n")
         log.flush()
         coop = f" coop {m['coop']:.2f}" if "coop" in m else ""
+        coop += "".join(f" {k} {m[k]:.1f}" for k in CLAIMS.get(cfg["env"], ()) if k in m)
         print(f"iter {it}: reward/round seat0 {m['reward_seat0']:.2f} seat1 {m['reward_seat1']:.2f} trained "
               f"{m['reward_trained']:.2f} | welfare {m['welfare']:.2f}{coop} | invalid {m['invalid']:.2f} | "
               f"loss {stats['loss']:.4f}{' SKIPPED (' + stats['skipped'] + ')' if stats['skipped'] else ''} | "
