@@ -356,17 +356,17 @@ def main(argv=None):
         elif args.matrix:
             names = [s for s in args.matrix.split(",") if s]
             pols = [make_policy(s, args.env, args.device, cache, api) for s in names]
-            M = [[0.0] * len(pols) for _ in pols]
+            M, figs = [[0.0] * len(pols) for _ in pols], {}
             for i, j in [(i, j) for i in range(len(pols)) for j in range(i, len(pols))]:   # one face-off per pair
                 fig = faceoff(args.env, pols[i], pols[j], args.n_games, args.seed, args.n_rounds, args.group_size,
                               args.temperature, args.max_msg_tokens)[0]
-                M[i][j], M[j][i] = fig["reward_a"], fig["reward_b"]
+                M[i][j], M[j][i], figs[f"{names[i]} vs {names[j]}"] = fig["reward_a"], fig["reward_b"], fig
             print("| row vs column | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
             for name, row in zip(names, M):
                 print(f"| {name} | " + " | ".join(f"{x:.2f}" for x in row) + " |")
             print("(cell: mean reward per round of the row player, averaged over both seats)")
             if args.json:
-                print(json.dumps({"names": names, "matrix": M}))
+                print(json.dumps({"names": names, "matrix": M, "faceoffs": figs}))
         else:
             if not args.a:
                 ap.error("give --a POLICY (and --b POLICY), or one of --matrix, --memory_one, --exploit, --plot")
