@@ -89,7 +89,7 @@ def timed_rollout(model, env, pol, G, cfg, seed, autocast, now):
     size, lengths)])."""
     calls, inner = [], model.extend
     def extend(cache, idx, lengths):
-        calls.append((idx.size(0), idx.size(1), cache.len, cache.k.size(3), lengths.clone()))
+        calls.append((idx.size(0), idx.size(1), cache.span, cache.k.size(3), lengths.clone()))
         return inner(cache, idx, lengths)
     model.extend = extend
     try:
@@ -105,8 +105,8 @@ def timed_rollout(model, env, pol, G, cfg, seed, autocast, now):
 @torch.no_grad()
 def replay(model, calls, autocast, now, dev):
     """The same extend calls at the same shapes, with nothing around them: the model's share of the rollout.
-    One cache per batch size, as large as the largest call needs, every slot valid (the mask's values do not
-    change the work); inputs made beforehand; one timer around each loop, so that on a GPU the host runs
+    One cache per batch size, as large as the largest call needs, every row as long as the span (the mask's
+    values do not change the work); inputs made beforehand; one timer around each loop, so that on a GPU the host runs
     ahead of the device as it does in the rollout. -> seconds of (prefill calls, decode calls: <= 8 new
     tokens per row)."""
     caches = {}
@@ -114,7 +114,6 @@ def replay(model, calls, autocast, now, dev):
         for B, _, _, S, _ in calls:
             if B not in caches:
                 caches[B] = KVCache(model.cfg, B, max(c[3] for c in calls if c[0] == B), dev, cache_dtype(model))
-                caches[B].valid[:] = True
         inputs = [(T <= 8, caches[B], s0, torch.randint(model.cfg.vocab_size, (B, T), device=dev), lengths.to(dev))
                   for B, T, s0, S, lengths in calls]
         out = []
@@ -122,7 +121,8 @@ def replay(model, calls, autocast, now, dev):
             t0 = now()
             for is_decode, cache, s0, idx, lengths in inputs:
                 if is_decode == decode:
-                    cache.len = s0
+                    cache.len.fill_(s0)
+                    cache.span = s0
                     model.extend(cache, idx, lengths)
             out.append(now() - t0)
     return out

@@ -107,8 +107,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(hd, cfg.norm_eps)
 
     def forward(self, x, cos, sin, mask, kv=None, past=None):
-        # x (B, T, C); cos, sin (B, 1, T, hd); mask (B, 1, T, S) bool or None (causal); kv: (k_cache, v_cache, s0)
-        # past: (k, v) of a shared prefix, (1, nkv, P, hd) each, seen by every row. Returns y and this k, v.
+        # x (B, T, C); cos, sin (B, 1, T, hd); mask (B, 1, T, S) bool or None (causal); kv: (k_cache, v_cache,
+        # slots (B, T) where this chunk goes, S slots to attend over); past: (k, v) of a shared prefix,
+        # (1, nkv, P, hd) each, seen by every row. Returns y and this k, v.
         B, T, _ = x.shape
         cfg = self.cfg
         q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)     # (B, nh, T, hd)
@@ -118,11 +119,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if kv is not None:  # write this chunk into the preallocated cache, attend over everything so far
-            kc, vc, s0 = kv
-            kc[:, :, s0:s0 + T] = k
-            vc[:, :, s0:s0 + T] = v
-            k, v = kc[:, :, :s0 + T], vc[:, :, :s0 + T]
+        if kv is not None:  # write this chunk at each row's own end of the cache, attend over the first S slots
+            kc, vc, slots, S = kv
+            b = torch.arange(B, device=x.device)[:, None]
+            kc[b, :, slots] = k.transpose(1, 2).to(kc.dtype)                     # (B, T, nkv, hd) into (B, nkv, S, hd)
+            vc[b, :, slots] = v.transpose(1, 2).to(vc.dtype)
+            k, v = kc[:, :, :S], vc[:, :, :S]
         new_kv = (k, v)
         if past is not None:
             k = torch.cat([past[0].expand(B, -1, -1, -1), k], dim=2)
@@ -157,69 +159,57 @@ class Block(nn.Module):
 class KVCache:
     """Preallocated keys/values for a batch of conversations that grow by ragged chunks.
 
-    Every extend() appends T slots to all rows; row b's first lengths[b] slots are real, the rest are
-    padding marked invalid. RoPE positions are per row (pos), so a conversation gets the same numbers
-    alone or inside a ragged batch. compact() squeezes out padding slots exactly.
+    Row b holds its conversation in slots 0..len[b]-1, with no padding: slot = RoPE position, and a query
+    at position p attends to slots <= p of its own row (later slots are stale or another chunk's padding).
+    extend() writes row b's chunk at its own end; a row with nothing new (length 0) stays as it was.
+    span: a host-side bound on max(len), the slots attention reads; tightened once per turn by reserve().
     """
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, S)
-        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)              # (B,) next position
-        self.len = 0                                                                      # slots used
+        self.len = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) slots used = next position
+        self.span = 0
 
     def reserve(self, n):
-        """Make room for n more slots (grow by doubling: rarely, and amortized)."""
-        if self.len + n > self.k.size(3):
-            new = max(2 * self.k.size(3), self.len + n)
-            grow = lambda x, dim: torch.cat([x, x.new_zeros(*x.shape[:dim], new - x.size(dim), *x.shape[dim + 1:])], dim)
-            self.k, self.v, self.valid = grow(self.k, 3), grow(self.v, 3), grow(self.valid, 1)
+        """Before a turn: tighten span to the longest row (one host read), then make room for n more slots
+        per row (grow by doubling: rarely, never inside a turn)."""
+        self.span = int(self.len.max())
+        if self.span + n > self.k.size(3):
+            new = max(2 * self.k.size(3), self.span + n)
+            grow = lambda x: torch.cat([x, x.new_zeros(*x.shape[:3], new - x.size(3), x.size(4))], 3)
+            self.k, self.v = grow(self.k), grow(self.v)
+
+    def take(self, rows, room, out=None):
+        """A cache holding a copy of these rows (a long tensor of row indices) and room for `room` more slots,
+        to extend those rows alone. out: the cache of an earlier take, reused when it fits (a fresh buffer
+        costs more than the copy on a CPU). One host read: the first slot any of these rows can write."""
+        L, _, H, _, D = self.k.shape
+        S = self.span
+        if out is None or out.k.size(1) != len(rows) or out.k.size(3) < S + room:
+            out = KVCache.__new__(KVCache)
+            out.k = self.k.new_zeros(L, len(rows), H, S + room, D)   # zeros: slots past a row's end stay finite
+            out.v = torch.zeros_like(out.k)
+        out.k[:, :, :, :S], out.v[:, :, :, :S] = self.k[:, rows, :, :S], self.v[:, rows, :, :S]
+        out.len, out.span, out.first = self.len[rows], S, int(self.len[rows].min())
+        return out
+
+    def put(self, rows, sub):
+        """Write back what take(rows) -> sub gained since: the slots from the first one those rows could write."""
+        s0, s1 = sub.first, sub.span
+        assert s1 <= self.k.size(3), "reserve the turn's room in this cache before take"
+        self.k[:, rows, :, s0:s1], self.v[:, rows, :, s0:s1] = sub.k[:, :, :, s0:s1], sub.v[:, :, :, s0:s1]
+        self.len[rows] = sub.len
+        self.span = max(self.span, s1)
 
     def fill_from(self, one):
         """Start every row of this empty cache with the content of a 1-row cache (a shared prompt prefix)."""
-        assert self.len == 0 and one.k.size(1) == 1
-        self.reserve(one.len)
-        self.k[:, :, :, :one.len] = one.k[:, :, :, :one.len]
-        self.v[:, :, :, :one.len] = one.v[:, :, :, :one.len]
-        self.valid[:, :one.len] = one.valid[:, :one.len]
-        self.pos[:] = one.pos
-        self.len = one.len
-
-    def take(self, rows, room):
-        """A new cache holding a copy of these rows (a long tensor of row indices) and room for `room` more
-        slots, to extend those rows alone."""
-        L, _, H, _, D = self.k.shape
-        sub = KVCache.__new__(KVCache)
-        sub.k = self.k.new_empty(L, len(rows), H, self.len + room, D)   # a slot is written before it is read
-        sub.v = torch.empty_like(sub.k)
-        sub.valid = self.valid.new_zeros(len(rows), self.len + room)
-        sub.k[:, :, :, :self.len], sub.v[:, :, :, :self.len] = self.k[:, rows, :, :self.len], self.v[:, rows, :, :self.len]
-        sub.valid[:, :self.len], sub.pos, sub.len = self.valid[rows, :self.len], self.pos[rows], self.len
-        return sub
-
-    def put(self, rows, sub):
-        """Write back what take(rows) -> sub gained since: its new slots (invalid for every other row)."""
-        s0, s1 = self.len, sub.len
-        self.reserve(s1 - s0)
-        self.k[:, rows, :, s0:s1], self.v[:, rows, :, s0:s1] = sub.k[:, :, :, s0:s1], sub.v[:, :, :, s0:s1]
-        self.valid[:, s0:s1] = False
-        self.valid[rows, s0:s1] = sub.valid[:, s0:s1]
-        self.pos[rows] = sub.pos
-        self.len = s1
-
-    def compact(self):
-        """Move each row's valid slots to the front (in order); attention only sees valid slots, so exact."""
-        n = int(self.valid.sum(1).max()) if self.len else 0
-        if n == self.len:
-            return
-        order = torch.sort((~self.valid[:, :self.len]).to(torch.int8), dim=1, stable=True).indices[:, :n]  # (B, n)
-        idx = order[None, :, None, :, None].expand(self.k.size(0), -1, self.k.size(2), -1, self.k.size(4))
-        self.k[:, :, :, :n] = self.k[:, :, :, :self.len].gather(3, idx)
-        self.v[:, :, :, :n] = self.v[:, :, :, :self.len].gather(3, idx)
-        self.valid[:, :n] = self.valid[:, :self.len].gather(1, order)
-        self.valid[:, n:] = False
-        self.len = n
+        assert self.span == 0 and one.k.size(1) == 1
+        P = int(one.len[0])
+        self.reserve(P)
+        self.k[:, :, :, :P] = one.k[:, :, :, :P]
+        self.v[:, :, :, :P] = one.v[:, :, :, :P]
+        self.len[:], self.span = P, P
 
 class Transformer(nn.Module):
     def __init__(self, cfg):
@@ -251,7 +241,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(idx)
         cos, sin = self.rope(pos, x.dtype)
         for i, block in enumerate(self.model.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i], cache.len)
+            kv = None if cache is None else (cache.k[i], cache.v[i], pos, cache.span)
             x = block(x, cos, sin, mask, kv)[0]
         return self.model.norm(x)
 
@@ -291,18 +281,13 @@ class Transformer(nn.Module):
         next token. idx (B, T) left-aligned, lengths (B,) real tokens per row (0 = nothing new).
         Returns (B, V) fp32 logits at each row's last real token (meaningless where lengths == 0)."""
         B, T = idx.shape
-        s0 = cache.len
-        if s0 + T > cache.k.size(3):
-            raise RuntimeError(f"KV cache full ({cache.k.size(3)} slots): raise max_len")
-        ar = torch.arange(T, device=idx.device)
-        cache.valid[:, s0:s0 + T] = ar < lengths[:, None]
-        pos = cache.pos[:, None] + ar                                            # (B, T)
-        slot = torch.arange(s0 + T, device=idx.device)
-        causal = slot[None, :] <= (s0 + ar)[:, None]                             # (T, S)
-        mask = (cache.valid[:, None, :s0 + T] & causal) | (slot[None, :] == (s0 + ar)[:, None])  # (B, T, S)
-        h = self.hidden(idx, pos, mask[:, None], cache)                          # self-slot always on: no empty rows
-        cache.len += T
-        cache.pos += lengths
+        if cache.span + T > cache.k.size(3):
+            raise RuntimeError(f"KV cache full ({cache.k.size(3)} slots): reserve room first")
+        pos = cache.len[:, None] + torch.arange(T, device=idx.device)                # (B, T) positions = slots
+        cache.span += T                                                              # a bound on the new max(len)
+        mask = torch.arange(cache.span, device=idx.device) <= pos[:, :, None]        # (B, T, S): own past + causal
+        h = self.hidden(idx, pos, mask[:, None], cache)
+        cache.len += lengths
         last = (lengths - 1).clamp(min=0)
         return self.lm_head(h[torch.arange(B), last]).float()
 

@@ -254,15 +254,15 @@ def lm_turn(pol, st, acting, games, texts, toks, tab, u, temperature, budget, en
     idx, lengths = feed(pol, st, acting, rows, games, texts, toks, tab)
     cache, R = st["cache"], len(st["traj"])
     room = idx.size(1) + u.size(0) * (1 + tab.chain.size(2))     # the most slots the turn adds: it never grows mid-turn
-    if len(rows) == R:                       # every row acts (IPD, Split, proposals): decode in place, cache order
-        cache.reserve(room)
+    cache.reserve(room)
+    if len(rows) == R:                       # every row acts (IPD, Split, proposals): decode in place
         u_rows = torch.zeros(u.size(0), R)
         u_rows[:, rows] = u
         out = decode(pol, cache, tab, idx, lengths, rows, u_rows, temperature, budget, end_tag)
         cols, u = rows, u_rows
-    else:                                    # some rows act (a TAS message): decode them alone, then write back
+    else:                                    # some rows act (a TAS message): decode a copy of them, write it back
         sel = torch.tensor(rows, device=idx.device)
-        sub = cache.take(sel, room)
+        st["sub"] = sub = cache.take(sel, room, st.get("sub"))
         out = decode(pol, sub, tab, idx[sel], lengths[sel], range(len(rows)), u, temperature, budget, end_tag)
         cache.put(sel, sub)
         cols = range(len(rows))
@@ -273,16 +273,14 @@ def feed(pol, st, acting, rows, games, texts, toks, tab):
     the forced start of its action, e.g. the '<' of '<A>'/'<B>'), recorded. -> one ragged chunk for the
     model: idx (R, T) and lengths (R,) on its device (0 for rows that do not act)."""
     model, chat, cache = pol.model, pol.chat, st["cache"]
-    dev = cache.valid.device
-    if cache.len == 0:  # the system prompt and intro are the same for all rows: compute them once, copy
+    dev = cache.k.device
+    if cache.span == 0:  # the system prompt and intro are the same for all rows: compute them once, copy
         shared = st["shared"]
         one = KVCache(model.cfg, 1, len(shared), dev, cache.k.dtype)
         model.extend(one, torch.tensor([shared], device=dev), torch.tensor([len(shared)], device=dev))
         cache.fill_from(one)
         for t in st["traj"]:
             record(toks[t], shared, 0)
-    elif cache.len > 2 * int(cache.valid.sum(1).max()):
-        cache.compact()   # padding slots pile up when few rows act: squeeze them out between turns
     chunks = [[] for _ in st["traj"]]
     for (gi, p), r in zip(acting, rows):
         t, g, text = 2 * gi + p, games[gi], texts[(gi, p)]

@@ -88,8 +88,8 @@ def test_cached_generation_equals_uncached(smol):
     assert M.generate(model, [ids], 12) == [seq[len(ids):]]
 
 def test_ragged_batch_and_chunks_match_single_pass(smol):
-    """Conversations that grow by ragged chunks inside a batch (with padding, compaction and per-row
-    positions) give the same next-token logits as each conversation processed alone in one pass."""
+    """Conversations that grow by ragged chunks inside a batch (each row at its own length, a row with an
+    empty chunk left as it was) give the same next-token logits as each conversation alone in one pass."""
     model = smol[0]
     g = torch.Generator().manual_seed(3)
     convs = [[torch.randint(0, 49152, (n,), generator=g).tolist() for n in lens]
@@ -103,35 +103,54 @@ def test_ragged_batch_and_chunks_match_single_pass(smol):
         for b, c in enumerate(chunks):
             idx[b, :len(c)] = torch.tensor(c, dtype=torch.long)
             so_far[b] += c
+        cache.reserve(T)
         logits = model.extend(cache, idx, torch.tensor([len(c) for c in chunks]))
-        cache.compact()
         for b in range(3):
             if chunks[b]:
                 with torch.no_grad():
                     ref = model(torch.tensor([so_far[b]]))[0, -1]
                 assert (logits[b] - ref).abs().max() <= 1e-4 * ref.abs().max()
-    assert cache.len == max(len(s) for s in so_far)
+    assert cache.len.tolist() == [len(s) for s in so_far] and cache.span >= max(len(s) for s in so_far)
 
 def test_cache_take_put_equals_extending_in_place(tiny_dir):
-    """Extending some rows in a copy of their cache rows (take), then writing back (put), leaves the cache as
-    extending them in place with the other rows idle: the same next logits for every row afterwards."""
+    """Extending some rows in a copy of their cache rows (take, reusing the last copy's buffer), then writing
+    back (put), leaves the cache as extending them in place with the other rows idle."""
     model, _ = M.load_dir(tiny_dir, "cpu", torch.float32)
     g = torch.Generator().manual_seed(5)
     first = torch.randint(0, 49152, (4, 6), generator=g)
-    a, b = (M.KVCache(model.cfg, 4, 16, "cpu", torch.float32) for _ in range(2))
+    a, b = (M.KVCache(model.cfg, 4, 32, "cpu", torch.float32) for _ in range(2))
     for c in (a, b):
         model.extend(c, first, torch.tensor([6, 4, 5, 6]))
-    rows, new = torch.tensor([3, 1]), torch.randint(0, 49152, (2, 3), generator=g)
-    sub = a.take(rows, room=4)
-    model.extend(sub, new, torch.tensor([3, 2]))
-    a.put(rows, sub)
-    full = torch.zeros(4, 3, dtype=torch.long)
-    full[rows] = new
-    model.extend(b, full, torch.tensor([0, 2, 0, 3]))
+    sub = None
+    for rows, lengths in (([3, 1], [3, 2]), ([0, 2], [1, 3])):
+        rows, new = torch.tensor(rows), torch.randint(0, 49152, (2, 3), generator=g)
+        a.reserve(8)
+        last, sub = sub, a.take(rows, 8 if sub is None else 4, sub)
+        assert last is None or sub is last                            # the second take fits the first's buffer
+        model.extend(sub, new, torch.tensor(lengths))
+        a.put(rows, sub)
+        full, n = torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, dtype=torch.long)
+        full[rows], n[rows] = new, torch.tensor(lengths)
+        model.extend(b, full, n)
     nxt = torch.randint(0, 49152, (4, 1), generator=g)
     la, lb = (model.extend(c, nxt, torch.ones(4, dtype=torch.long)) for c in (a, b))
-    assert a.len == b.len and torch.equal(a.valid, b.valid) and torch.equal(a.pos, b.pos)
-    assert (la - lb).abs().max() < 1e-5
+    assert torch.equal(a.len, b.len) and (la - lb).abs().max() < 1e-5
+
+def test_cache_growth_keeps_the_conversations(tiny_dir):
+    """A cache that starts small and grows (reserve, between chunks) gives the same logits as one allocated
+    large enough from the start, and extend refuses a chunk that does not fit."""
+    model, _ = M.load_dir(tiny_dir, "cpu", torch.float32)
+    g = torch.Generator().manual_seed(5)
+    small, big = M.KVCache(model.cfg, 3, 4, "cpu", torch.float32), M.KVCache(model.cfg, 3, 64, "cpu", torch.float32)
+    for lengths in ([6, 4, 5], [0, 3, 1], [1, 1, 1], [9, 2, 0]):
+        idx = torch.randint(0, 49152, (3, max(lengths)), generator=g)
+        small.reserve(idx.size(1))
+        la, lb = (model.extend(c, idx, torch.tensor(lengths)) for c in (small, big))
+        assert (la - lb).abs().max() < 1e-5
+    assert small.k.size(3) < 64 and torch.equal(small.len, big.len)
+    with pytest.raises(RuntimeError, match="cache full"):
+        model.extend(M.KVCache(model.cfg, 1, 4, "cpu", torch.float32), torch.zeros(1, 5, dtype=torch.long),
+                     torch.tensor([5]))
 
 def test_token_logprobs_match_full_logits(smol):
     """The training path (lm_head only at requested positions) equals log_softmax of full logits."""
