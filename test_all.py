@@ -889,6 +889,13 @@ def test_claims_readout_of_fixed_strategies():
     assert (fig["claim_upper_b"], fig["claim_lower_b"], fig["tells_hand_b"]) == (10, 10, 0)
     assert "tells_hand_a" not in EV.faceoff("tas_silent", *[R.FixedPolicy("tas", "honest")] * 2, 2)[0]
 
+def test_message_budget_default_is_one_number():
+    """train.py's TAS message budget is also eval.py's and rollout's default (three places that must agree)."""
+    import inspect
+    budget = lambda f: inspect.signature(f).parameters["max_msg_tokens"].default
+    assert TR.max_msg_tokens == budget(R.rollout) == budget(EV.faceoff) == 16
+    assert f"--max_msg_tokens\", type=int, default={TR.max_msg_tokens}," in open(EV.__file__).read()
+
 def test_faceoff_matrix_cells(capsys):
     """eval.py --matrix: each cell is the row player's reward against the column player (SPEC 2 values)."""
     EV.main(["--env", "ipd", "--matrix", "tit_for_tat,defector,cooperator", "--n_games", "4", "--json"])
