@@ -108,7 +108,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, kv=None, past=None):
         # x (B, T, C); cos, sin (B, 1, T, hd); mask (B, 1, T, S) bool or None (causal); kv: (k_cache, v_cache,
-        # slots (B, T) where this chunk goes, S slots to attend over); past: (k, v) of a shared prefix,
+        # (row (B, 1), slot (B, T)) where this chunk goes, S slots to attend over); past: (k, v) of a shared prefix,
         # (1, nkv, P, hd) each, seen by every row. Returns y and this k, v.
         B, T, _ = x.shape
         cfg = self.cfg
@@ -120,10 +120,9 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if kv is not None:  # write this chunk at each row's own end of the cache, attend over the first S slots
-            kc, vc, slots, S = kv
-            b = torch.arange(B, device=x.device)[:, None]
-            kc[b, :, slots] = k.transpose(1, 2).to(kc.dtype)                     # (B, T, nkv, hd) into (B, nkv, S, hd)
-            vc[b, :, slots] = v.transpose(1, 2).to(vc.dtype)
+            kc, vc, (row, slot), S = kv
+            kc[row, :, slot] = k.transpose(1, 2).to(kc.dtype)                     # (B, T, nkv, hd) into (B, nkv, S, hd)
+            vc[row, :, slot] = v.transpose(1, 2).to(vc.dtype)
             k, v = kc[:, :, :S], vc[:, :, :S]
         new_kv = (k, v)
         if past is not None:
@@ -240,8 +239,9 @@ class Transformer(nn.Module):
             pos = torch.arange(T, device=idx.device).expand(B, T)
         x = self.model.embed_tokens(idx)
         cos, sin = self.rope(pos, x.dtype)
+        where = (torch.arange(B, device=idx.device)[:, None], pos)                 # each row's chunk slots (cache)
         for i, block in enumerate(self.model.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i], pos, cache.span)
+            kv = None if cache is None else (cache.k[i], cache.v[i], where, cache.span)
             x = block(x, cos, sin, mask, kv)[0]
         return self.model.norm(x)
 
