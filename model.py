@@ -239,7 +239,7 @@ class Transformer(nn.Module):
             pos = torch.arange(T, device=idx.device).expand(B, T)
         x = self.model.embed_tokens(idx)
         cos, sin = self.rope(pos, x.dtype)
-        where = (torch.arange(B, device=idx.device)[:, None], pos)                 # each row's chunk slots (cache)
+        where = None if cache is None else (torch.arange(B, device=idx.device)[:, None], pos)  # chunk slots
         for i, block in enumerate(self.model.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i], where, cache.span)
             x = block(x, cos, sin, mask, kv)[0]
