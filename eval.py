@@ -28,8 +28,8 @@ import torch
 
 import envs
 from model import check_device, load_model
-from rollout import (MEMORY_ONE, ApiPolicy, FixedPolicy, HumanPolicy, LMPolicy, claim_means, claims, cooperation,
-                     memory_one, rollout)
+from rollout import (CLAIMS, MEMORY_ONE, ApiPolicy, FixedPolicy, HumanPolicy, LMPolicy, claim_means, claims,
+                     cooperation, memory_one, rollout)
 
 CLASSIC = {"TFT": (1, 1, 0, 1, 0), "WSLS": (1, 1, 0, 0, 1), "Grudger": (1, 1, 0, 0, 0), "ALLC": (1, 1, 1, 1, 1),
            "ALLD": (0, 0, 0, 0, 0), "GTFT": (1, 1, 1 / 3, 1, 1 / 3)}  # (opening, CC, CD, DC, DD)
@@ -236,14 +236,16 @@ def smooth(y, k=10):
 
 def plot_compare(run_dirs, path, env="ipd"):
     """Several runs on one figure -> PNG. Welfare per iteration (faint) and its 10-iteration mean against the
-    welfare of fixed strategies in self-play (envs.WELFARE_REFERENCE); IPD adds the cooperation rate and the last memory-one readout, Split/TAS the
-    trained seat's reward and the invalid rate."""
+    welfare of fixed strategies in self-play (envs.WELFARE_REFERENCE); IPD adds the cooperation rate and the last
+    memory-one readout; Split/TAS the trained seat's reward, its claims by situation (rollout.CLAIMS: linestyle per
+    situation) and the rates (invalid moves; TAS: messages that name the own hand), all 10-iteration means."""
     plt = _pyplot()
     ipd = env == "ipd"
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3 if ipd else 4, figsize=(15 if ipd else 20, 4))
     for name, ref in envs.WELFARE_REFERENCE[env].items():
         axes[0].axhline(ref, color="gray", lw=0.7, ls=":")
         axes[0].annotate(f"{name} x2 ({ref:g})", (0, ref), fontsize=7, color="gray", va="bottom")
+    styles = ("-", "--", ":")
     for i, d in enumerate(run_dirs):
         log, c = read_log(d), f"C{i}"
         name = os.path.basename(os.path.normpath(d))
@@ -257,9 +259,13 @@ def plot_compare(run_dirs, path, env="ipd"):
             if mem:
                 axes[2].plot(range(len(MEMORY_ONE)), [mem[-1]["memory_one"][k] for k in MEMORY_ONE], marker="o",
                              color=c, label=f"{name} (iter {mem[-1]['iter']})")
-        else:
-            axes[1].plot(it, smooth([r["reward_trained"] for r in log]), color=c, label=name)
-            axes[2].plot(it, smooth([r["invalid"] for r in log]), color=c, label=name)
+            continue
+        axes[1].plot(it, smooth([r["reward_trained"] for r in log]), color=c, label=name)
+        claim_keys = [k for k in CLAIMS.get(env, ()) if k.startswith("claim") and k in log[-1]]
+        for k, ls in zip(claim_keys, styles):
+            axes[2].plot(it, smooth([r.get(k, float("nan")) for r in log]), color=c, ls=ls, label=f"{name}: {k}")
+        for k, ls in zip(["invalid"] + [k for k in CLAIMS.get(env, ()) if not k.startswith("claim")], styles):
+            axes[3].plot(it, smooth([r.get(k, float("nan")) for r in log]), color=c, ls=ls, label=f"{name}: {k}")
     axes[0].set_title("welfare per round (line: 10-iteration mean)")
     if ipd:
         axes[1].set_title("cooperation rate"); axes[1].set_ylim(-0.05, 1.05)
@@ -267,11 +273,13 @@ def plot_compare(run_dirs, path, env="ipd"):
         axes[2].set_xticks(range(len(MEMORY_ONE)), list(MEMORY_ONE))
     else:
         axes[1].set_title("trained seat's reward per round (10-iteration mean)")
-        axes[2].set_title("invalid rate (10-iteration mean)"); axes[2].set_ylim(-0.02, 1.02)
+        axes[2].set_title("trained seat's claims by situation (10-iteration mean)"); axes[2].set_ylim(-0.3, 10.3)
+        axes[3].set_title("rates (10-iteration mean)"); axes[3].set_ylim(-0.02, 1.02)
     for ax in axes[:2] if ipd else axes:
         ax.set_xlabel("iteration")
     for ax in axes:
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:                  # a log from before the claims readout has none
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     return path

@@ -902,6 +902,23 @@ def test_faceoff_matrix_cells(capsys):
     M = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["matrix"]
     assert M == [pytest.approx(r) for r in ([3.0, 0.9, 3.0], [1.4, 1.0, 5.0], [3.0, 0.0, 3.0])]
 
+def test_plot_compare_draws_the_claims_readout(tmp_path):
+    """--plot A B for TAS: one line per run and situation in the claims panel (a renamed log key would drop it)."""
+    pytest.importorskip("matplotlib")
+    import eval as ev
+    for name, up in (("aa", 9.0), ("naive", 6.0)):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "log.jsonl", "w") as f:
+            for it in range(3):
+                f.write(json.dumps(dict(iter=it, welfare=50.0, reward_trained=25.0, invalid=0.0, claim_upper=up,
+                                        claim_lower=1.0, tells_hand=0.5)) + "\n")
+    import matplotlib.pyplot as plt
+    assert ev.plot_compare([str(tmp_path / "aa"), str(tmp_path / "naive")], str(tmp_path / "cmp.png"), "tas")
+    assert os.path.getsize(tmp_path / "cmp.png") > 0
+    claims_ax, rates_ax = plt.gcf().axes[2], plt.gcf().axes[3]
+    assert sorted(round(l.get_ydata()[-1], 1) for l in claims_ax.lines) == [1.0, 1.0, 6.0, 9.0]
+    assert len(rates_ax.lines) == 4                                      # invalid and tells_hand, per run
+
 def test_eval_cli_errors(monkeypatch, tmp_path):
     """Bad eval.py input is one line: a negative temperature, a transcript in a missing directory (before any
     game is played), a device this torch lacks, and a human whose input ends."""
