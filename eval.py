@@ -369,6 +369,8 @@ def main(argv=None):
                 fig = faceoff(args.env, pols[i], pols[j], args.n_games, args.seed, args.n_rounds, args.group_size,
                               args.temperature, args.max_msg_tokens)[0]
                 M[i][j], M[j][i], figs[f"{names[i]} vs {names[j]}"] = fig["reward_a"], fig["reward_b"], fig
+                if i == j:                                   # self-play: it played both seats of every game
+                    M[i][i] = fig["welfare"] / 2
             print("| row vs column | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
             for name, row in zip(names, M):
                 print(f"| {name} | " + " | ".join(f"{x:.2f}" for x in row) + " |")

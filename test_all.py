@@ -901,6 +901,9 @@ def test_faceoff_matrix_cells(capsys):
     EV.main(["--env", "ipd", "--matrix", "tit_for_tat,defector,cooperator", "--n_games", "4", "--json"])
     M = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["matrix"]
     assert M == [pytest.approx(r) for r in ([3.0, 0.9, 3.0], [1.4, 1.0, 5.0], [3.0, 0.0, 3.0])]
+    EV.main(["--env", "tas", "--matrix", "honest,greedy", "--n_games", "4", "--json"])
+    M = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["matrix"]
+    assert M[0][0] == pytest.approx(50.0) and M[1][1] == pytest.approx(27.5)   # self-play: both seats (SPEC 2.3)
 
 def test_plot_compare_draws_the_claims_readout(tmp_path):
     """--plot A B for TAS: one line per run and situation in the claims panel (a renamed log key would drop it)."""
