@@ -264,7 +264,8 @@ def plot_compare(run_dirs, path, env="ipd"):
         claim_keys = [k for k in CLAIMS.get(env, ()) if k.startswith("claim") and k in log[-1]]
         for k, ls in zip(claim_keys, styles):
             axes[2].plot(it, smooth([r.get(k, float("nan")) for r in log]), color=c, ls=ls, label=f"{name}: {k}")
-        for k, ls in zip(["invalid"] + [k for k in CLAIMS.get(env, ()) if not k.startswith("claim")], styles):
+        rates = ["invalid"] + [k for k in CLAIMS.get(env, ()) if not k.startswith("claim") and k in log[-1]]
+        for k, ls in zip(rates, styles):
             axes[3].plot(it, smooth([r.get(k, float("nan")) for r in log]), color=c, ls=ls, label=f"{name}: {k}")
     axes[0].set_title("welfare per round (line: 10-iteration mean)")
     if ipd:
