@@ -908,7 +908,6 @@ def test_faceoff_matrix_cells(capsys):
 def test_plot_compare_draws_the_claims_readout(tmp_path):
     """--plot A B for TAS: one line per run and situation in the claims panel (a renamed log key would drop it)."""
     pytest.importorskip("matplotlib")
-    import eval as ev
     for name, up in (("aa", 9.0), ("naive", 6.0)):
         os.makedirs(tmp_path / name)
         with open(tmp_path / name / "log.jsonl", "w") as f:
@@ -916,7 +915,7 @@ def test_plot_compare_draws_the_claims_readout(tmp_path):
                 f.write(json.dumps(dict(iter=it, welfare=50.0, reward_trained=25.0, invalid=0.0, claim_upper=up,
                                         claim_lower=1.0, tells_hand=0.5)) + "\n")
     import matplotlib.pyplot as plt
-    assert ev.plot_compare([str(tmp_path / "aa"), str(tmp_path / "naive")], str(tmp_path / "cmp.png"), "tas")
+    assert EV.plot_compare([str(tmp_path / "aa"), str(tmp_path / "naive")], str(tmp_path / "cmp.png"), "tas")
     assert os.path.getsize(tmp_path / "cmp.png") > 0
     claims_ax, rates_ax = plt.gcf().axes[2], plt.gcf().axes[3]
     assert sorted(round(l.get_ydata()[-1], 1) for l in claims_ax.lines) == [1.0, 1.0, 6.0, 9.0]
