@@ -369,9 +369,8 @@ def main(argv=None):
             for i, j in [(i, j) for i in range(len(pols)) for j in range(i, len(pols))]:   # one face-off per pair
                 fig = faceoff(args.env, pols[i], pols[j], args.n_games, args.seed, args.n_rounds, args.group_size,
                               args.temperature, args.max_msg_tokens)[0]
-                M[i][j], M[j][i], figs[f"{names[i]} vs {names[j]}"] = fig["reward_a"], fig["reward_b"], fig
-                if i == j:                                   # self-play: it played both seats of every game
-                    M[i][i] = fig["welfare"] / 2
+                figs[f"{names[i]} vs {names[j]}"] = fig               # self-play holds both seats: half the welfare
+                M[i][j], M[j][i] = (fig["welfare"] / 2,) * 2 if i == j else (fig["reward_a"], fig["reward_b"])
             print("| row vs column | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
             for name, row in zip(names, M):
                 print(f"| {name} | " + " | ".join(f"{x:.2f}" for x in row) + " |")
