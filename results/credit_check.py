@@ -1,0 +1,73 @@
+"""Which way does each algorithm's credit push a proposal? (README: Split's sum-of-rewards arm; TAS)
+
+    python results/credit_check.py                  # split: ~10 min on 2 CPU cores
+    python results/credit_check.py --env tas        # tas: ~15 min
+
+The untrained embedded model plays itself (6 rollouts of 8 games in one group each, bf16 autocast as the
+runs). For every (trajectory, round): the per-round credit that train.py gives (naive, sum, adalign; the
+env's defaults) against what the player did in that round. Split: the units it claimed of the item worth
+less to it than to the other, of the item worth more, and of all three. TAS: the coins it claimed when it
+held the upper hand, when it held the lower hand, and whether its message named its own hand. The policy
+gradient raises the log-probability of a round's tokens in proportion to the round's credit, so a
+positive correlation means the update pushes that quantity up."""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import envs                                    # noqa: E402
+import train                                   # noqa: E402
+from model import load_model                   # noqa: E402
+from rollout import LMPolicy, rollout          # noqa: E402
+
+ALGOS = ("naive", "sum", "adalign")
+COLUMNS = {"split": ("units claimed of the item worth less to the player", "worth more", "all three (mean)"),
+           "tas": ("coins claimed with the upper hand", "with the lower hand", "message names the own hand")}
+
+def corr(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    return ((a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-12)).item()
+
+def features(env, info, p):
+    """What player p did in one round -> 3 numbers (nan where the situation did not occur)."""
+    if env == "split":
+        mine, theirs, kept = info["values"][p], info["values"][1 - p], info["claims"][p]
+        less = [k for m, o, k in zip(mine, theirs, kept) if m < o]     # every profile has one of each
+        more = [k for m, o, k in zip(mine, theirs, kept) if m > o]
+        return [sum(less) / len(less), sum(more) / len(more), sum(kept) / 3]
+    upper = envs.BEATS[info["hands"][p]] == info["hands"][1 - p]
+    named = {h for h in envs.HANDS if h in info["messages"][p].lower()}
+    c, nan = float(info["claims"][p]), float("nan")
+    return [c if upper else nan, nan if upper else c, float(named == {info["hands"][p]})]
+
+def main(env="split", n_rollouts=6, n_games=8):
+    d = train.resolve(dict({k: getattr(train, k) for k in train.CONFIG_KEYS}, env=env))
+    model, tok = load_model("smollm2-135m")
+    pol, rows = LMPolicy(model, tok), []
+    trained = torch.ones(2 * n_games, dtype=torch.bool)
+    for rep in range(n_rollouts):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ro = rollout(env, [pol], torch.zeros(n_games, 2, dtype=torch.long), n_games, seed=1000 + rep,
+                         group_size=n_games, max_msg_tokens=d["max_msg_tokens"])
+        C = {a: train.compute_credits(ro.rewards, trained, dict(d, group_size=n_games, algo=a))[0] for a in ALGOS}
+        for gi, g in enumerate(ro.games):
+            for p in (0, 1):
+                for t, info in enumerate(g.info):
+                    rows.append(features(env, info, p) + [C[a][2 * gi + p, t].item() for a in ALGOS])
+    X = torch.tensor(rows)                                               # (n, 3 + len(ALGOS))
+    print(f"{len(rows)} (trajectory, round) pairs of the base model in {env}; means: " +
+          ", ".join(f"{name} {X[:, j].nanmean():.2f}" for j, name in enumerate(COLUMNS[env])))
+    print(f"| credit | corr with {COLUMNS[env][0]} | {COLUMNS[env][1]} | {COLUMNS[env][2]} |\n|---|---|---|---|")
+    for j, a in enumerate(ALGOS):
+        cells = []
+        for k in range(3):
+            ok = ~X[:, k].isnan()
+            cells.append(f"{corr(X[ok, 3 + j], X[ok, k]):+.3f}")
+        print(f"| {a} | " + " | ".join(cells) + " |")
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--env", default="split", choices=("split", "tas"))
+    main(ap.parse_args().env)
