@@ -1,7 +1,7 @@
 """Which way does each algorithm's credit push a proposal? (README: Split's sum-of-rewards arm; TAS)
 
-    python results/credit_check.py                  # split: ~10 min on 2 CPU cores
-    python results/credit_check.py --env tas        # tas: ~15 min
+    python results/credit_check.py                  # split: ~10 min on 2 CPU cores (beside two training runs)
+    python results/credit_check.py --env tas        # tas: ~15 min (the same)
 
 The untrained embedded model plays itself (6 rollouts of 8 games in one group each, bf16 autocast as the
 runs). For every (trajectory, round): the per-round credit that train.py gives (naive, sum, adalign; the
