@@ -1155,3 +1155,17 @@ def test_torchrun_two_processes_equal_one(tiny_dir, tmp_path):
                           env=env, capture_output=True, text=True)
     assert more.returncode == 0, more.stderr[-2000:]
     assert [json.loads(l)["iter"] for l in open(tmp_path / "two" / "log.jsonl")] == [0, 1, 2]
+
+def test_credit_check_features():
+    """results/credit_check.py reads the item worth less / more and the hand of a round: a wrong index would flip its README tables."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("credit_check", os.path.join(os.path.dirname(__file__), "results", "credit_check.py"))
+    cc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cc)
+    split = {"values": ((10, 1, 1), (1, 10, 1)), "claims": ((7, 3, 5), (0, 9, 6))}
+    assert cc.features("split", split, 0) == [3, 7, 5]          # worth less to 0: books; more: hats
+    assert cc.features("split", split, 1) == [0, 9, 5]          # worth less to 1: hats; more: books
+    tas = {"hands": ("rock", "scissors"), "claims": (8, 2), "messages": ("My hand is rock.", "Paper? no, scissors")}
+    up, lo = cc.features("tas", tas, 0), cc.features("tas", tas, 1)
+    assert up[0] == 8 and math.isnan(up[1]) and up[2] == 1.0
+    assert math.isnan(lo[0]) and lo[1] == 2 and lo[2] == 0.0  # names two hands: not counted as naming its own
