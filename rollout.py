@@ -521,25 +521,30 @@ def cooperation(ro):
 CLAIMS = {"split": ("claim_more", "claim_equal", "claim_less"), "tas": ("claim_upper", "claim_lower", "tells_hand"),
           "tas_silent": ("claim_upper", "claim_lower")}
 
+def round_claims(env, info, p):
+    """What player p claimed in one round (a Game.info entry) -> [(k, value)], k indexing CLAIMS[env]. Split: the
+    units kept of each item, by whether it is worth more / as much / less to p than to the other. TAS: the coins
+    claimed, by upper / lower hand, and (with messages) 1.0 if p's message named its own hand and no other."""
+    if env == "split":
+        return [(0 if mine > theirs else 2 if mine < theirs else 1, float(kept))
+                for mine, theirs, kept in zip(info["values"][p], info["values"][1 - p], info["claims"][p])]
+    hand = info["hands"][p]
+    out = [(0 if envs.BEATS[hand] == info["hands"][1 - p] else 1, float(info["claims"][p]))]
+    if env == "tas":
+        named = {h for h in envs.HANDS if h in info["messages"][p].lower()}
+        out.append((2, float(named == {hand})))
+    return out
+
 def claims(ro, env):
     """Split/TAS: what each trajectory claimed, by situation -> (N, K, 2) sum and count over its rounds, K as in
-    CLAIMS[env]. Split: units kept of an item worth more than / as much as / less than to the other (welfare-max
-    10 / 5 / 0, greedy 10 / 10 / 10). TAS: coins claimed with the upper / the lower hand (honest 10 / 0, greedy
-    10 / 10), and messages that name its own hand and no other (honest 1, greedy 0)."""
+    CLAIMS[env] (round_claims). Welfare-max Split keeps 10 / 5 / 0, greedy 10 / 10 / 10; in TAS honest claims
+    10 / 0 and names its hand (1), greedy claims 10 / 10 and does not (0)."""
     out = torch.zeros(2 * len(ro.games), len(CLAIMS[env]), 2)
     for gi, g in enumerate(ro.games):
         for p in (0, 1):
             for info in g.info:
-                if env == "split":
-                    for mine, theirs, kept in zip(info["values"][p], info["values"][1 - p], info["claims"][p]):
-                        out[2 * gi + p, 0 if mine > theirs else 2 if mine < theirs else 1] += torch.tensor([kept, 1.0])
-                    continue
-                hand = info["hands"][p]
-                upper = envs.BEATS[hand] == info["hands"][1 - p]
-                out[2 * gi + p, 0 if upper else 1] += torch.tensor([info["claims"][p], 1.0])
-                if g.talk:
-                    named = {h for h in envs.HANDS if h in info["messages"][p].lower()}
-                    out[2 * gi + p, 2] += torch.tensor([float(named == {hand}), 1.0])
+                for k, v in round_claims(env, info, p):
+                    out[2 * gi + p, k] += torch.tensor([v, 1.0])
     return out
 
 def claim_means(x, env):

@@ -17,10 +17,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import envs                                    # noqa: E402
 import train                                   # noqa: E402
 from model import load_model                   # noqa: E402
-from rollout import LMPolicy, rollout          # noqa: E402
+from rollout import LMPolicy, rollout, round_claims    # noqa: E402
 
 ALGOS = ("naive", "sum", "adalign")
 COLUMNS = {"split": ("units claimed of the item worth less to the player", "worth more", "all three (mean)"),
@@ -32,15 +31,13 @@ def corr(a, b):
 
 def features(env, info, p):
     """What player p did in one round -> 3 numbers (nan where the situation did not occur)."""
-    if env == "split":
-        mine, theirs, kept = info["values"][p], info["values"][1 - p], info["claims"][p]
-        less = [k for m, o, k in zip(mine, theirs, kept) if m < o]     # every profile has one of each
-        more = [k for m, o, k in zip(mine, theirs, kept) if m > o]
-        return [sum(less) / len(less), sum(more) / len(more), sum(kept) / 3]
-    upper = envs.BEATS[info["hands"][p]] == info["hands"][1 - p]
-    named = {h for h in envs.HANDS if h in info["messages"][p].lower()}
-    c, nan = float(info["claims"][p]), float("nan")
-    return [c if upper else nan, nan if upper else c, float(named == {info["hands"][p]})]
+    by_k = {}
+    for k, v in round_claims(env, info, p):
+        by_k.setdefault(k, []).append(v)
+    mean = {k: sum(v) / len(v) for k, v in by_k.items()}
+    if env == "split":                                  # less (k 2), more (k 0), all three
+        return [mean[2], mean[0], sum(info["claims"][p]) / 3]
+    return [mean.get(k, float("nan")) for k in range(3)]
 
 def main(env="split", n_rollouts=6, n_games=8):
     d = train.resolve(dict({k: getattr(train, k) for k in train.CONFIG_KEYS}, env=env))
