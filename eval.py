@@ -320,6 +320,8 @@ def main(argv=None):
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.n_games < 1 or args.n_rounds < 1 or args.group_size < 1 or args.n_games % args.group_size:
         ap.error("need n_games >= 1, n_rounds >= 1 and n_games a multiple of group_size")
+    if args.max_msg_tokens < 1:
+        ap.error(f"--max_msg_tokens must be at least 1 (the end tag), got {args.max_msg_tokens}")
     if args.temperature < 0:
         ap.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
     if args.transcript and not os.path.isdir(os.path.dirname(os.path.abspath(args.transcript_file))):

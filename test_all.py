@@ -576,7 +576,9 @@ def test_train_cli_errors(capsys):
     """Unknown keys, bad types and bad values are one clear error line, not a stack trace."""
     for argv, msg in [(["--nope", "1"], "unknown config key"), (["--lr", "abc"], "wants a float"),
                       (["--env", "chess"], "--env must be"), (["--n_games", "5", "--env", "split"], "multiple"),
-                      (["--resume", "--out_dir", "/nonexistent_dir"], "no checkpoint")]:
+                      (["--resume", "--out_dir", "/nonexistent_dir"], "no checkpoint"),
+                      (["--env", "tas", "--max_msg_tokens", "0"], "--max_msg_tokens must be at least 1"),
+                      (["--n_games", "-3"], "--n_games must be 0"), (["--gamma", "-0.5"], "--gamma must be -1")]:
         with pytest.raises(SystemExit) as e:
             TR.main(argv)
         assert msg in str(e.value)
@@ -921,15 +923,17 @@ def test_plot_compare_draws_the_claims_readout(tmp_path):
     assert sorted(round(l.get_ydata()[-1], 1) for l in claims_ax.lines) == [1.0, 1.0, 6.0, 9.0]
     assert len(rates_ax.lines) == 4                                      # invalid and tells_hand, per run
 
-def test_eval_cli_errors(monkeypatch, tmp_path):
+def test_eval_cli_errors(monkeypatch, tmp_path, capsys):
     """Bad eval.py input is one line: a negative temperature, a transcript in a missing directory (before any
     game is played), a device this torch lacks, and a human whose input ends."""
     import io
     for argv, msg in [(["--a", "cooperator", "--temperature", "-1"], "--temperature"),
+                      (["--env", "tas", "--a", "greedy", "--max_msg_tokens", "0"], "--max_msg_tokens"),
                       (["--a", "cooperator", "--transcript", "1", "--transcript_file", str(tmp_path / "no" / "t.md")],
                        "does not exist")]:
         with pytest.raises(SystemExit):
             EV.main(argv)
+        assert msg in capsys.readouterr().err
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no usable CUDA"):
             EV.main(["--a", "cooperator", "--device", "cuda"])
