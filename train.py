@@ -214,7 +214,9 @@ def compute_credits(rewards, trained, cfg):
     return advantage.credits(cfg["algo"], A, A_opp, cfg["beta"], cfg["gamma"], cfg["jit"]), A
 
 def shared_prefix(ids, mask):
-    """Length of the token prefix all rows share (the system prompt and game intro) before any scored token."""
+    """Length of the token prefix all rows share (the system prompt and game intro) before any scored token.
+    Found here rather than taken from the rollout, which shares only the intro: in the IPD the first round's
+    prompt and the action's forced '<' are the same for every row too, so this prefix is longer."""
     if ids.size(0) < 2:
         return 0
     differ = (ids != ids[:1]).any(0) | mask.any(0)                   # (L,)
