@@ -100,14 +100,18 @@ READOUT = {"claim_more": "kept of an item worth more to it", "claim_equal": "...
            "claim_lower": "... lower hand", "tells_hand": "messages naming its own hand"}
 
 def se(x):
-    return (x.std().item() / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+    """Standard error of the mean; None for one game (no spread to measure; NaN would not be valid JSON)."""
+    return (x.std().item() / math.sqrt(len(x))) if len(x) > 1 else None
+
+def pm(x):
+    return f" ± {x:.3f}" if x is not None else ""
 
 def faceoff_table(env, names, fig):
     rows = ["| player | reward/round | invalid rate |" + (" cooperation |" if env == "ipd" else ""),
             "|---|---|---|" + ("---|" if env == "ipd" else "")]
     for who, name in zip("ab", names):
         coop = f" {fig['coop_' + who]:.2f} |" if env == "ipd" else ""
-        rows.append(f"| {who}: {name} | {fig['reward_' + who]:.3f} ± {fig['se_' + who]:.3f} | "
+        rows.append(f"| {who}: {name} | {fig['reward_' + who]:.3f}{pm(fig['se_' + who])} | "
                     f"{fig['invalid_' + who]:.3f} |{coop}")
     if env == "ipd":
         rows += ["", "| cooperation by round | " + " | ".join(str(t) for t in range(len(fig["coop_by_round_a"]))) + " |",
@@ -119,7 +123,7 @@ def faceoff_table(env, names, fig):
         rows += ["", "| readout | " + " | ".join(READOUT[k] for k in keys) + " |", "|---|" + "---|" * len(keys)]
         rows += [f"| {who}: {name} | " + " | ".join(f"{fig.get(f'{k}_{who}', float('nan')):.2f}" for k in keys) + " |"
                  for who, name in zip("ab", names)]
-    rows.append(f"\ncollective welfare (sum per round): {fig['welfare']:.3f} ± {fig['se_welfare']:.3f} "
+    rows.append(f"\ncollective welfare (sum per round): {fig['welfare']:.3f}{pm(fig['se_welfare'])} "
                 f"over {fig['n_games']} games (both seat orders)")
     for who, name in zip("ab", names):
         n = fig.get(f"api_failures_{who}", 0)

@@ -872,6 +872,13 @@ def test_memory_one_any_tokenizer(odd_dir):
     logits = model(torch.tensor([shared + first]))[0, -1]
     assert v["opening"] == pytest.approx(torch.softmax(logits[[a[0], b[0]]], -1)[0].item(), abs=1e-5)
 
+def test_one_game_faceoff_has_no_nan():
+    """A one-game face-off prints no '± nan' and its figures stay valid JSON (the standard error is None)."""
+    tft, alld = R.FixedPolicy("ipd", "tit_for_tat"), R.FixedPolicy("ipd", "defector")
+    fig = EV.faceoff("ipd", tft, alld, 1)[0]
+    assert fig["se_a"] is None and "nan" not in EV.faceoff_table("ipd", ["tft", "alld"], fig)
+    json.loads(json.dumps(fig, allow_nan=False))
+
 def test_welfare_reference_lines_are_the_games_values():
     """The reference lines drawn on learning curves are what those fixed strategies score in self-play."""
     for env, refs in E.WELFARE_REFERENCE.items():
