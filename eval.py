@@ -89,7 +89,7 @@ def faceoff(env, pa, pb, n_games, seed=0, n_rounds=10, group_size=1, temperature
         x = claims(ro, env)                                                 # (N, K, 2)
         for who, rows in (("a", a_row), ("b", b_row)):
             out.update({f"{k}_{who}": v for k, v in claim_means(x[rows].sum(0), env).items()})
-    for who, pol in (("a", pa), ("b", pb)):
+    for who, pol in (("a", pa),) if pa is pb else (("a", pa), ("b", pb)):    # self-play: one policy, one count
         if isinstance(pol, ApiPolicy):
             out[f"api_failures_{who}"] = pol.failures - failed_before[id(pol)]
     return out, ro, a_seat0
@@ -127,7 +127,7 @@ def faceoff_table(env, names, fig):
                 f"over {fig['n_games']} games (both seat orders)")
     for who, name in zip("ab", names):
         n = fig.get(f"api_failures_{who}", 0)
-        if n and not (who == "b" and name == names[0]):                # self-play: one policy, one count
+        if n:
             rows.append(f"WARNING: {name} failed to answer {n} time(s) (after retries); each failure was played as "
                         "an empty reply, i.e. an invalid move (the least cooperative one): these numbers are not a "
                         "fair measure of that model")

@@ -146,12 +146,12 @@ def resolve(cfg, given=()):
         for k, v in PRESETS[cfg["preset"]].items():
             if k not in given:                                          # --preset paper --model_name X keeps X
                 cfg[k] = v[cfg["env"]] if isinstance(v, dict) else v
-    d = ENV_DEFAULTS[cfg["env"]]
+    d = dict(ENV_DEFAULTS[cfg["env"]], entropy_coef=0.01 if cfg["env"] == "ipd" and cfg["algo"] == "adalign" else 0.0)
     for k in ("beta", "gamma", "reward_scale", "kl_coef", "buffer_fixed_prob", "entropy_coef"):
-        if cfg[k] < 0 and cfg[k] != -1:                                 # -1 is the only "default" value
-            sys.exit(f"error: --{k} must be -1 (the env's default) or >= 0, got {cfg[k]}")
-        if cfg[k] == -1 and k != "entropy_coef":
+        if cfg[k] == -1:                                                # -1 is the only "default" value
             cfg[k] = d[k]
+        elif cfg[k] < 0:
+            sys.exit(f"error: --{k} must be -1 (the env's default) or >= 0, got {cfg[k]}")
     if cfg["buffer_fixed"] == "auto":
         cfg["buffer_fixed"] = d["buffer_fixed"]
     for k in ("group_size", "n_games"):
@@ -159,8 +159,6 @@ def resolve(cfg, given=()):
             sys.exit(f"error: --{k} must be 0 (the env's default) or positive, got {cfg[k]}")
         if cfg[k] == 0:
             cfg[k] = d[k]
-    if cfg["entropy_coef"] == -1:
-        cfg["entropy_coef"] = 0.01 if cfg["env"] == "ipd" and cfg["algo"] == "adalign" else 0.0
     if cfg["micro_tokens"] < 0:
         sys.exit(f"error: --micro_tokens must be 0 (per device) or positive, got {cfg['micro_tokens']}")
     for k in ("n_games", "n_rounds", "max_iters", "ckpt_interval", "buffer_interval", "buffer_size", "max_msg_tokens"):
