@@ -412,6 +412,35 @@ def prepare_out_dir(cfg, n_params, start):
         os.replace(log_path + ".tmp", log_path)
     return open(log_path, "a")
 
+FIXED_ON_RESUME = ("env", "model_name", "n_rounds")    # what the checkpoint's policy and log are about
+
+def resume_config(cfg, given, ckpt, rank, world):
+    """--resume: the checkpoint's config, overridden by the knobs given on the command line (except
+    FIXED_ON_RESUME); device and dtype are this machine's, not the checkpoint's. -> (cfg, state)."""
+    if rank == 0:
+        find_checkpoint(ckpt)                                           # may finish a swap a crash interrupted
+    if world > 1:
+        dist.barrier()
+    if not find_checkpoint(ckpt):
+        sys.exit(f"error: --resume but no checkpoint at {ckpt}")
+    state = load_state(ckpt)
+    old = state["config"]
+    missing = sorted(set(cfg) - set(old))                               # knobs added after that checkpoint
+    if missing:
+        print(f"resume: the checkpoint predates {', '.join(missing)}: using the current values")
+    for k in FIXED_ON_RESUME:
+        if k in given and k in old and cfg[k] != old[k]:
+            sys.exit(f"error: --{k} {cfg[k]} differs from the checkpoint's {old[k]!r}: a resumed run keeps it "
+                     "(start a new run in another --out_dir to change it)")
+    changed = [k for k in given if k in old and k not in ("resume", "device", "dtype") and cfg[k] != old[k]]
+    if changed:
+        print("resume: the command line changes " + ", ".join(f"{k} {old[k]!r} -> {cfg[k]!r}" for k in changed))
+    cfg = {**cfg, **{k: v for k, v in old.items() if k in cfg and k not in given}, "out_dir": cfg["out_dir"]}
+    for k in ("device", "dtype"):                                       # the machine decides these
+        if k not in given:
+            cfg[k] = globals()[k]
+    return cfg, state
+
 def load_state(ckpt):
     """ckpt/state.pt -> dict, or exit with one line saying the file is damaged."""
     f = os.path.join(ckpt, "state.pt")
@@ -435,6 +464,19 @@ def save_snapshot(model, out_dir, it):
     save_file(sd, f + ".tmp")
     os.replace(f + ".tmp", f)
     return f
+
+def push_snapshot(model, cfg, it, snapshots, rank, world):
+    """The agent buffer: add a snapshot of the policy after iteration it, drop the oldest beyond buffer_size
+    (rank 0 writes and deletes; every rank waits until it is on disk). -> the kept snapshot paths."""
+    kept = (snapshots + [snapshot_path(cfg["out_dir"], it)])[-cfg["buffer_size"]:]
+    if rank == 0:
+        save_snapshot(model, cfg["out_dir"], it)
+        for f in set(snapshots) - set(kept):
+            if os.path.exists(f):
+                os.remove(f)
+    if world > 1:
+        dist.barrier()
+    return kept
 
 def load_snapshot(model, f):
     from safetensors.torch import load_file
@@ -539,8 +581,6 @@ def metrics(r, invalid, play, trained, cfg):
         m.update(claim_means(play[trained].sum(0), cfg["env"]))        # the trained seats' claims by situation
     return m
 
-FIXED_ON_RESUME = ("env", "model_name", "n_rounds")    # what the checkpoint's policy and log are about
-
 def main(argv):
     # 0. config: the defaults, the command line, on --resume the checkpoint's config under what was given;
     #    under torchrun, which rank this is
@@ -548,30 +588,8 @@ def main(argv):
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
     rank, world, rank_dev = setup_distributed()
     ckpt = os.path.join(cfg["out_dir"], "ckpt")
-    start, state = 0, None
-    if cfg["resume"]:
-        if rank == 0:
-            find_checkpoint(ckpt)                                       # may finish a swap a crash interrupted
-        if world > 1:
-            dist.barrier()
-        if not find_checkpoint(ckpt):
-            sys.exit(f"error: --resume but no checkpoint at {ckpt}")
-        state = load_state(ckpt)
-        start, old = state["iter"], state["config"]
-        missing = sorted(set(cfg) - set(old))                          # knobs added after that checkpoint
-        if missing:
-            print(f"resume: the checkpoint predates {', '.join(missing)}: using the current values")
-        for k in FIXED_ON_RESUME:
-            if k in given and k in old and cfg[k] != old[k]:
-                sys.exit(f"error: --{k} {cfg[k]} differs from the checkpoint's {old[k]!r}: a resumed run keeps it "
-                         "(start a new run in another --out_dir to change it)")
-        changed = [k for k in given if k in old and k not in ("resume", "device", "dtype") and cfg[k] != old[k]]
-        if changed:
-            print("resume: the command line changes " + ", ".join(f"{k} {old[k]!r} -> {cfg[k]!r}" for k in changed))
-        cfg = {**cfg, **{k: v for k, v in old.items() if k in cfg and k not in given}, "out_dir": cfg["out_dir"]}
-        for k in ("device", "dtype"):                                  # the machine decides these, not the checkpoint
-            if k not in given:
-                cfg[k] = globals()[k]
+    cfg, state = resume_config(cfg, given, ckpt, rank, world) if cfg["resume"] else (cfg, None)
+    start = state["iter"] if state else 0
     cfg = resolve(cfg, given)
     if cfg["n_games"] % (world * cfg["group_size"]):
         sys.exit(f"error: {world} processes need n_games ({cfg['n_games']}) to be a multiple of {world} x group_size "
@@ -644,15 +662,7 @@ def main(argv):
         t_upd = time.time() - t_upd
         # 5. agent buffer, log, checkpoint
         if cfg["algo"] == "adalign" and not cfg["opponent"] and (it + 1) % cfg["buffer_interval"] == 0:
-            kept = (snapshots + [snapshot_path(cfg["out_dir"], it + 1)])[-cfg["buffer_size"]:]
-            if rank == 0:
-                save_snapshot(model, cfg["out_dir"], it + 1)
-                for f in set(snapshots) - set(kept):
-                    if os.path.exists(f):
-                        os.remove(f)
-            snapshots = kept
-            if world > 1:
-                dist.barrier()                                          # the snapshot is on disk for every rank
+            snapshots = push_snapshot(model, cfg, it + 1, snapshots, rank, world)
         dt_it = time.time() - t0
         invalid = gather_rows(ro.invalid, world, dev)
         play = gather_rows(cooperation(ro) if cfg["env"] == "ipd" else claims(ro, cfg["env"]), world, dev)
