@@ -95,10 +95,6 @@ def faceoff(env, pa, pb, n_games, seed=0, n_rounds=10, group_size=1, temperature
     return out, ro, a_seat0
 
 # table headings of rollout.claims' readout
-READOUT = {"claim_more": "kept of an item worth more to it", "claim_equal": "... worth the same",
-           "claim_less": "... worth less to it", "claim_upper": "coins claimed, upper hand",
-           "claim_lower": "... lower hand", "tells_hand": "messages naming its own hand"}
-
 def se(x):
     """Standard error of the mean; None for one game (no spread to measure; NaN would not be valid JSON)."""
     return (x.std().item() / math.sqrt(len(x))) if len(x) > 1 else None
@@ -118,9 +114,9 @@ def faceoff_table(env, names, fig):
                  "|---|" + "---|" * len(fig["coop_by_round_a"])]
         rows += [f"| {who}: {name} | " + " | ".join(f"{c:.2f}" for c in fig[f"coop_by_round_{who}"]) + " |"
                  for who, name in zip("ab", names)]
-    keys = [k for k in READOUT if f"{k}_a" in fig or f"{k}_b" in fig]
+    keys = [k for k in CLAIMS.get(env, ()) if f"{k}_a" in fig or f"{k}_b" in fig]
     if keys:                                                  # Split / TAS: claims_readout
-        rows += ["", "| readout | " + " | ".join(READOUT[k] for k in keys) + " |", "|---|" + "---|" * len(keys)]
+        rows += ["", "| readout | " + " | ".join(CLAIMS[env][k] for k in keys) + " |", "|---|" + "---|" * len(keys)]
         rows += [f"| {who}: {name} | " + " | ".join(f"{fig.get(f'{k}_{who}', float('nan')):.2f}" for k in keys) + " |"
                  for who, name in zip("ab", names)]
     rows.append(f"\ncollective welfare (sum per round): {fig['welfare']:.3f}{pm(fig['se_welfare'])} "

@@ -518,8 +518,12 @@ def cooperation(ro):
     """IPD: (N, T) bool, True where trajectory i cooperated in round t (rows as in the Rollout)."""
     return torch.tensor([[i["moves"][s] == "A" for i in g.info] for g in ro.games for s in (0, 1)])
 
-CLAIMS = {"split": ("claim_more", "claim_equal", "claim_less"), "tas": ("claim_upper", "claim_lower", "tells_hand"),
-          "tas_silent": ("claim_upper", "claim_lower")}
+CLAIMS = {  # per env: the readout's keys (in round_claims' order) and what each means, for reports
+    "split": {"claim_more": "kept of an item worth more to it", "claim_equal": "... worth the same",
+              "claim_less": "... worth less to it"},
+    "tas": {"claim_upper": "coins claimed, upper hand", "claim_lower": "... lower hand",
+            "tells_hand": "messages naming its own hand"}}
+CLAIMS["tas_silent"] = {k: v for k, v in CLAIMS["tas"].items() if k != "tells_hand"}
 
 def round_claims(env, info, p):
     """What player p claimed in one round (a Game.info entry) -> [(k, value)], k indexing CLAIMS[env]. Split: the
