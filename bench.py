@@ -200,17 +200,19 @@ def main():
     dev = torch.device(dev_name)
     now = clock(dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dt == "bfloat16")
-    peak32, peak16, bw = matmul_peak(dev, torch.float32), matmul_peak(dev, torch.bfloat16), bandwidth(dev)
-    peak = peak16 if dt == "bfloat16" else peak32
-    print(f"{dev_name} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'}): "
-          f"matmul fp32 {peak32 / 1e12:.2f} TFLOP/s, bf16 {peak16 / 1e12:.2f} TFLOP/s, copy {bw / 1e9:.0f} GB/s; "
-          f"our dtype {dt}")
+    if args.repeats < 1:
+        raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
     cfg = train.resolve({k: getattr(train, k) for k in train.CONFIG_KEYS} |
                         {"env": args.env, "n_games": args.n_games, "max_msg_tokens": args.max_msg_tokens})
     try:
         model, tok = load_model(args.model, dev, torch.float32)
     except (OSError, RuntimeError, ValueError) as e:
         raise SystemExit(f"error: {e}")
+    peak32, peak16, bw = matmul_peak(dev, torch.float32), matmul_peak(dev, torch.bfloat16), bandwidth(dev)
+    peak = peak16 if dt == "bfloat16" else peak32
+    print(f"{dev_name} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'}): "
+          f"matmul fp32 {peak32 / 1e12:.2f} TFLOP/s, bf16 {peak16 / 1e12:.2f} TFLOP/s, copy {bw / 1e9:.0f} GB/s; "
+          f"our dtype {dt}")
     pol = LMPolicy(model, tok)
     G = args.n_games
     trained = torch.zeros(2 * G, dtype=torch.bool)

@@ -978,6 +978,17 @@ def test_bench_runs_and_reports(tiny_dir, env, baseline, monkeypatch, capsys):
     else:
         assert res["rollout_ratio"] > 0 and res["train_ratio"] > 0
 
+def test_bench_cli_errors(monkeypatch, capsys):
+    """bench.py rejects bad arguments with one line before it spends time measuring the machine."""
+    import bench
+    for argv, msg in ((["--repeats", "0"], "--repeats must be at least 1"), (["--n_games", "-2"], "--n_games must be"),
+                      (["--model", "random:nonsense"], "unknown random:nonsense")):
+        monkeypatch.setattr(sys, "argv", ["bench.py"] + argv)
+        with pytest.raises(SystemExit) as e:
+            bench.main()
+        out = capsys.readouterr()
+        assert msg in str(e.value) + out.err and "TFLOP/s" not in out.out   # the peaks were not measured first
+
 # -----------------------------------------------------------------------------
 # GPU checks: run only where CUDA is present (CI has none); `python -m pytest -q test_all.py -k cuda` on a GPU
 
