@@ -52,7 +52,7 @@ def make_policy(spec, env, device="cpu", cache=None, api=None):
         try:
             model, tok = load_model(spec, device, torch.float32)
         except (OSError, RuntimeError, ValueError) as e:
-            raise ValueError(f"{spec!r} is not a {env} strategy ({', '.join(envs.STRATEGIES[env])}), 'human', "
+            raise ValueError(f"{spec!r} is not one of the {env} strategies ({', '.join(envs.STRATEGIES[env])}), 'human', "
                              f"'api:URL:MODEL', nor a loadable model: {e}") from None
         pol = LMPolicy(model, tok, os.path.basename(spec.rstrip("/")) or spec)
     cache[spec] = pol

@@ -747,7 +747,8 @@ def test_non_finite_loss_skips_the_step(tiny_dir):
 
 def test_out_dir_is_safe(tiny_dir, tmp_path):
     """A fresh run refuses an out_dir holding a run (unless --overwrite), a live lock stops a second run, an
-    unwritable out_dir is one line, and --resume cuts log lines written after the checkpoint."""
+    unwritable out_dir is one line, --resume cuts log lines written after the checkpoint, a bad --opponent leaves
+    no out_dir behind, and an empty log.jsonl is not a run."""
     base = ["--env", "ipd", "--model_name", tiny_dir, "--n_games", "2", "--n_rounds", "2", "--max_iters", "2",
             "--out_dir", str(tmp_path / "o")]
     run_train(base)
@@ -767,6 +768,12 @@ def test_out_dir_is_safe(tiny_dir, tmp_path):
     with pytest.raises(SystemExit) as e:
         TR.main(base[:-2] + ["--out_dir", "/proc/nanoaa_test"])
     assert "not writable" in str(e.value)
+    with pytest.raises(SystemExit) as e:                                    # a typo in --opponent stops before
+        TR.main(base[:-2] + ["--out_dir", str(tmp_path / "p"), "--opponent", "tit_for_tot"])   # out_dir is made
+    assert "--opponent is neither" in str(e.value) and not os.path.exists(tmp_path / "p")
+    os.makedirs(tmp_path / "q")
+    open(tmp_path / "q" / "log.jsonl", "w").close()                         # an empty log (a run that died before
+    assert [r["iter"] for r in run_train(base[:-2] + ["--out_dir", str(tmp_path / "q")])] == [0, 1]   # its first line)
 
 def test_resume_recovers_and_merges(tiny_dir, tmp_path, capsys):
     """A crash between save_checkpoint's renames leaves ckpt.tmp: --resume finds it. Knobs given with --resume

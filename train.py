@@ -392,7 +392,8 @@ def prepare_out_dir(cfg, n_params, start):
     atexit.register(lambda: os.path.exists(lock) and open(lock).read() == str(os.getpid()) and os.remove(lock))
     log_path = os.path.join(d, "log.jsonl")
     if not cfg["resume"]:
-        old = [f for f in ("log.jsonl", "ckpt", "snapshots") if os.path.exists(os.path.join(d, f))]
+        old = [f for f in ("log.jsonl", "ckpt", "snapshots") if os.path.exists(os.path.join(d, f))
+               and not (f == "log.jsonl" and os.path.getsize(os.path.join(d, f)) == 0)]   # an empty log: no run
         if old and not cfg["overwrite"]:
             sys.exit(f"error: out_dir {d} already holds a run ({', '.join(old)}): add --resume to continue it, "
                      "--overwrite true to replace it, or pick another --out_dir")
@@ -500,7 +501,7 @@ def setup_opponents(cfg, tok, dev, ckpt):
         try:
             opp_model, opp_tok = load_model(cfg["opponent"], dev, torch.float32)
         except (OSError, RuntimeError, ValueError) as e:
-            sys.exit(f"error: --opponent is neither a {env} strategy ({', '.join(envs.STRATEGIES[env])}) "
+            sys.exit(f"error: --opponent is neither one of the {env} strategies ({', '.join(envs.STRATEGIES[env])}) "
                      f"nor a loadable model: {e}")
         return LMPolicy(opp_model.eval(), opp_tok, "frozen"), opp_model, []
     if cfg["algo"] != "adalign":
@@ -604,6 +605,12 @@ def main(argv):
         model, tok = load_dir(ckpt, dev, torch.float32) if state else load_model(cfg["model_name"], dev, torch.float32)
     except (OSError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
+    # the other seat's policies and the KL term's frozen initial model, before out_dir is touched (a bad
+    # --opponent leaves no run directory behind)
+    opp, opp_model, fixed = setup_opponents(cfg, tok, dev, ckpt if state else None)
+    ref_model = None
+    if cfg["kl_coef"] > 0:
+        ref_model = load_model(cfg["model_name"], dev, torch.float32)[0].eval().requires_grad_(False)
     say = print if rank == 0 else (lambda *a, **k: None)               # rank 0 prints, logs and saves
     say("config: " + json.dumps(cfg))
     log, err = None, [None]
@@ -631,10 +638,6 @@ def main(argv):
             group["lr"], group["weight_decay"] = cfg["lr"], cfg["weight_decay"]
         snapshots = [os.path.join(cfg["out_dir"], "snapshots", os.path.basename(f)) for f in state["snapshots"]]
     live = LMPolicy(model, tok, "live")
-    opp, opp_model, fixed = setup_opponents(cfg, tok, dev, ckpt if state else None)
-    ref_model = None                                                    # the frozen initial model of the KL term
-    if cfg["kl_coef"] > 0:
-        ref_model = load_model(cfg["model_name"], dev, torch.float32)[0].eval().requires_grad_(False)
     G = cfg["n_games"]
     local = range(rank * G // world, (rank + 1) * G // world)          # this rank's games
     rows = slice(2 * local.start, 2 * local.stop)                      # and their trajectories
