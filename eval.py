@@ -313,8 +313,8 @@ def main(argv=None):
     ap.add_argument("--transcript", type=int, default=0, metavar="K", help="write K games to --transcript_file")
     ap.add_argument("--transcript_file", default="transcript.md")
     ap.add_argument("--plot", metavar="RUN_DIR", nargs="+", help="learning curves of a train.py run as PNG "
-                    "(RUN_DIR/curves.png); several runs: one comparison figure, --plot_file")
-    ap.add_argument("--plot_file", default="compare.png", help="--plot with several runs: where the figure goes")
+                    "(RUN_DIR/curves.png); several runs: one comparison figure (compare.png)")
+    ap.add_argument("--plot_file", default="", help="--plot: where the figure goes instead")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -324,8 +324,9 @@ def main(argv=None):
         ap.error(f"--max_msg_tokens must be at least 1 (the end tag), got {args.max_msg_tokens}")
     if args.temperature < 0:
         ap.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if args.transcript and not os.path.isdir(os.path.dirname(os.path.abspath(args.transcript_file))):
-        ap.error(f"--transcript_file {args.transcript_file}: its directory does not exist")
+    for flag, f in (("--transcript_file", args.transcript and args.transcript_file), ("--plot_file", args.plot_file)):
+        if f and not os.path.isdir(os.path.dirname(os.path.abspath(f))):
+            ap.error(f"{flag} {f}: its directory does not exist")
     try:
         check_device(args.device)
     except ValueError as err:
@@ -334,7 +335,8 @@ def main(argv=None):
     cache = {}
     try:
         if args.plot:
-            path = plot_run(args.plot[0]) if len(args.plot) == 1 else plot_compare(args.plot, args.plot_file, args.env)
+            path = (plot_run(args.plot[0], args.plot_file or None) if len(args.plot) == 1 else
+                    plot_compare(args.plot, args.plot_file or "compare.png", args.env))
             print(f"wrote {path}")
             if args.json:
                 print(json.dumps({"plot": path}))

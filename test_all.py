@@ -936,15 +936,18 @@ def test_plot_compare_draws_the_claims_readout(tmp_path):
     claims_ax, rates_ax = plt.gcf().axes[2], plt.gcf().axes[3]
     assert sorted(round(l.get_ydata()[-1], 1) for l in claims_ax.lines) == [1.0, 1.0, 6.0, 9.0]
     assert len(rates_ax.lines) == 4                                      # invalid and tells_hand, per run
+    EV.main(["--plot", str(tmp_path / "aa"), "--plot_file", str(tmp_path / "one.png")])   # one run, where asked
+    assert os.path.getsize(tmp_path / "one.png") > 0 and not os.path.exists(tmp_path / "aa" / "curves.png")
 
 def test_eval_cli_errors(monkeypatch, tmp_path, capsys):
-    """Bad eval.py input is one line: a negative temperature, a transcript in a missing directory (before any
-    game is played), a device this torch lacks, and a human whose input ends."""
+    """Bad eval.py input is one line: a negative temperature, a transcript or a plot in a missing directory (before
+    any game is played or log read), a device this torch lacks, and a human whose input ends."""
     import io
     for argv, msg in [(["--a", "cooperator", "--temperature", "-1"], "--temperature"),
                       (["--env", "tas", "--a", "greedy", "--max_msg_tokens", "0"], "--max_msg_tokens"),
                       (["--a", "cooperator", "--transcript", "1", "--transcript_file", str(tmp_path / "no" / "t.md")],
-                       "does not exist")]:
+                       "does not exist"),
+                      (["--plot", str(tmp_path), "--plot_file", str(tmp_path / "no" / "p.png")], "--plot_file")]:
         with pytest.raises(SystemExit):
             EV.main(argv)
         assert msg in capsys.readouterr().err
