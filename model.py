@@ -3,6 +3,7 @@ model.py: a Llama-family transformer in raw PyTorch (Llama/SmolLM2, Qwen2, Qwen3
 ragged multi-turn batches, and weight loading/saving in the Hugging Face format.
 
     python model.py "What is the capital of France?"     # loads the embedded SmolLM2-135M-Instruct
+    python model.py --model out/ckpt "Hello"             # a trained checkpoint
 
 Parameter names follow Hugging Face, so loading a checkpoint is a state_dict copy with asserted key
 sets and shapes, and save_pretrained() writes a directory transformers itself can load.
@@ -546,11 +547,19 @@ def convert_gguf(src_dir, gguf_name, out):
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    prompt = " ".join(sys.argv[1:]) or "Say hello in five words."
+    import argparse
+    ap = argparse.ArgumentParser(description="chat once with a model (64 new tokens, temperature 0.7)")
+    ap.add_argument("prompt", nargs="*", help="the user message (default: a greeting)")
+    ap.add_argument("--model", default=EMBEDDED, help="the embedded model, a checkpoint dir (e.g. out/ckpt) or a hub id")
+    args = ap.parse_args()
+    prompt = " ".join(args.prompt) or "Say hello in five words."
     t0 = time.time()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok = load_model(device=dev)
-    print(f"loaded {EMBEDDED} on {dev}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in {time.time() - t0:.1f} s")
+    try:
+        model, tok = load_model(args.model, device=dev)
+    except (OSError, RuntimeError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"loaded {args.model} on {dev}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters in {time.time() - t0:.1f} s")
     ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     t0 = time.time()

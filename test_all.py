@@ -188,6 +188,16 @@ def test_load_errors_are_one_sentence(tmp_path):
     with pytest.raises(FileNotFoundError):
         M.load_model(str(tmp_path / "config.json").replace("config.json", "nothing_here") + "/")
 
+def test_model_chat_cli(tiny_dir, tmp_path):
+    """python model.py chats with the model given by --model; a bad one is one line on stderr, exit 1."""
+    import subprocess
+    run = lambda *a: subprocess.run([sys.executable, "model.py", *a], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                    capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    ok = run("--model", tiny_dir, "Hello")
+    assert ok.returncode == 0 and f"loaded {tiny_dir}" in ok.stdout and "> Hello" in ok.stdout
+    bad = run("--model", str(tmp_path / "missing"), "Hello")
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+
 # -----------------------------------------------------------------------------
 # envs.py
 
