@@ -785,6 +785,22 @@ def test_out_dir_is_safe(tiny_dir, tmp_path):
     open(tmp_path / "q" / "log.jsonl", "w").close()                         # an empty log (a run that died before
     assert [r["iter"] for r in run_train(base[:-2] + ["--out_dir", str(tmp_path / "q")])] == [0, 1]   # its first line)
 
+def test_resume_with_missing_or_damaged_snapshots(tiny_dir, tmp_path, capsys):
+    """--resume when agent-buffer snapshots were deleted: it says how many and goes on without them; a damaged
+    snapshot stops the run with one line naming the file."""
+    base = ["--env", "ipd", "--model_name", tiny_dir, "--n_games", "2", "--n_rounds", "2", "--buffer_interval", "1",
+            "--ckpt_interval", "1", "--out_dir", str(tmp_path / "o")]
+    run_train(base + ["--max_iters", "2"])
+    snaps = sorted(os.listdir(tmp_path / "o" / "snapshots"))
+    assert len(snaps) == 2
+    os.remove(tmp_path / "o" / "snapshots" / snaps[0])
+    assert [r["iter"] for r in run_train(base + ["--max_iters", "3", "--resume"])] == [0, 1, 2]
+    assert "1 of the agent buffer's 2 snapshots are missing" in capsys.readouterr().out
+    for f in os.listdir(tmp_path / "o" / "snapshots"):
+        open(tmp_path / "o" / "snapshots" / f, "wb").write(b"not safetensors")
+    with pytest.raises(SystemExit, match="snapshot .* is unreadable"):
+        TR.main(base + ["--max_iters", "4", "--resume"])
+
 def test_resume_recovers_and_merges(tiny_dir, tmp_path, capsys):
     """A crash between save_checkpoint's renames leaves ckpt.tmp: --resume finds it. Knobs given with --resume
     override the checkpoint's (and say so); changing the env is refused; damaged files are one line each."""

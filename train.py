@@ -481,7 +481,11 @@ def push_snapshot(model, cfg, it, snapshots, rank, world):
 
 def load_snapshot(model, f):
     from safetensors.torch import load_file
-    sd = load_file(f)
+    try:
+        sd = load_file(f)
+    except Exception as e:                   # missing, truncated or not safetensors: one line, not a traceback
+        sys.exit(f"error: agent-buffer snapshot {f} is unreadable ({type(e).__name__}): delete it and --resume "
+                 "(the buffer goes on without it)")
     with torch.no_grad():
         for k, p in model.state_dict().items():
             if k in sd:
@@ -636,7 +640,11 @@ def main(argv):
             sys.exit(f"error: {ckpt}/state.pt: the optimizer state does not fit this model ({e})")
         for group in opt.param_groups:                                 # a resumed run takes the config's lr
             group["lr"], group["weight_decay"] = cfg["lr"], cfg["weight_decay"]
-        snapshots = [os.path.join(cfg["out_dir"], "snapshots", os.path.basename(f)) for f in state["snapshots"]]
+        listed = [os.path.join(cfg["out_dir"], "snapshots", os.path.basename(f)) for f in state["snapshots"]]
+        snapshots = [f for f in listed if os.path.exists(f)]
+        if len(snapshots) < len(listed):
+            say(f"resume: {len(listed) - len(snapshots)} of the agent buffer's {len(listed)} snapshots are missing "
+                f"from {cfg['out_dir']}/snapshots: the buffer goes on without them")
     live = LMPolicy(model, tok, "live")
     G = cfg["n_games"]
     local = range(rank * G // world, (rank + 1) * G // world)          # this rank's games
