@@ -423,11 +423,15 @@ def load_model(name=EMBEDDED, device="cpu", dtype=torch.float32):
     else:
         try:
             from huggingface_hub import snapshot_download
-            path = snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+            path = snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
         except Exception as e:
             raise RuntimeError(f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}); "
                                f"use '{EMBEDDED}' (works offline) or a local checkpoint directory") from None
-    return load_dir(path, device, dtype)
+    model, tok = load_dir(path, device, dtype)
+    if tok is None:
+        raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json, tokenizer_config.json): copy them "
+                                "from the model it was trained from")
+    return model, tok
 
 def load_dir(path, device, dtype):
     from safetensors.torch import load_file
@@ -456,9 +460,12 @@ def load_dir(path, device, dtype):
     if cfg.tie_embeddings:
         want.pop("lm_head.weight")
         sd.pop("lm_head.weight", None)
-    assert set(sd) == set(want), f"checkpoint keys differ: missing {set(want) - set(sd)}, extra {set(sd) - set(want)}"
+    if set(sd) != set(want):
+        raise ValueError(f"{path}: checkpoint keys differ from its config.json's model: missing "
+                         f"{sorted(set(want) - set(sd))[:3]}, extra {sorted(set(sd) - set(want))[:3]}")
     for k, v in sd.items():
-        assert v.shape == want[k], f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(want[k])}"
+        if v.shape != want[k]:
+            raise ValueError(f"{path}: {k} is {tuple(v.shape)} in the weights, {tuple(want[k])} by config.json")
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

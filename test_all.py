@@ -181,12 +181,24 @@ def test_save_pretrained_round_trip(smol, tmp_path):
     assert torch.equal(a, c) and tok2.eos_token_id == tok.eos_token_id
 
 def test_load_errors_are_one_sentence(tmp_path):
-    """A bad model name or an unsupported architecture is a clear error, not a stack trace in a library."""
+    """A bad model name, an unsupported architecture, a directory without tokenizer files or weights that do
+    not fit config.json are clear errors (ValueError / FileNotFoundError, caught by the CLIs), not tracebacks."""
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match="unsupported architecture"):
         M.load_model(str(tmp_path))
     with pytest.raises(FileNotFoundError):
         M.load_model(str(tmp_path / "config.json").replace("config.json", "nothing_here") + "/")
+    hf = tiny_hf("llama")
+    hf.save_pretrained(tmp_path / "notok")                                # weights, but no tokenizer files
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        M.load_model(str(tmp_path / "notok"))
+    cfg = json.loads((tmp_path / "notok" / "config.json").read_text())
+    (tmp_path / "notok" / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    with pytest.raises(ValueError, match="keys differ"):                  # weights of another shape
+        M.load_dir(str(tmp_path / "notok"), "cpu", torch.float32)
+    (tmp_path / "notok" / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 2 * cfg["intermediate_size"]}))
+    with pytest.raises(ValueError, match="by config.json"):
+        M.load_dir(str(tmp_path / "notok"), "cpu", torch.float32)
 
 def test_model_chat_cli(tiny_dir, tmp_path):
     """python model.py chats with the model given by --model; a bad one is one line on stderr, exit 1."""
