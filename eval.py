@@ -94,7 +94,6 @@ def faceoff(env, pa, pb, n_games, seed=0, n_rounds=10, group_size=1, temperature
             out[f"api_failures_{who}"] = pol.failures - failed_before[id(pol)]
     return out, ro, a_seat0
 
-# table headings of rollout.claims' readout
 def se(x):
     """Standard error of the mean; None for one game (no spread to measure; NaN would not be valid JSON)."""
     return (x.std().item() / math.sqrt(len(x))) if len(x) > 1 else None
