@@ -815,22 +815,27 @@ def test_resume_with_missing_or_damaged_snapshots(tiny_dir, tmp_path, capsys):
 
 def test_resume_recovers_and_merges(tiny_dir, tmp_path, capsys):
     """A crash between save_checkpoint's renames leaves ckpt.tmp: --resume finds it. Knobs given with --resume
-    override the checkpoint's (and say so); changing the env is refused; damaged files are one line each."""
+    override the checkpoint's (and say so); the dtype stays the run's unless given (it changes what is learned);
+    changing the env is refused; damaged files are one line each."""
     d = tmp_path / "o"
     base = ["--env", "ipd", "--model_name", tiny_dir, "--n_games", "2", "--n_rounds", "2", "--out_dir", str(d)]
-    run_train(base + ["--max_iters", "1"])
+    run_train(base + ["--max_iters", "1", "--dtype", "bfloat16"])
     os.rename(d / "ckpt", d / "ckpt.tmp")
     log = run_train(["--out_dir", str(d), "--resume", "--max_iters", "2", "--lr", "0.5", "--algo", "naive"])
     assert [r["iter"] for r in log] == [0, 1]
     out = capsys.readouterr().out
     assert "lr 1e-05 -> 0.5" in out and "algo 'adalign' -> 'naive'" in out
+    assert "dtype bfloat16, as the checkpoint's run" in out
     st = torch.load(d / "ckpt" / "state.pt", weights_only=True)
-    assert st["config"]["lr"] == 0.5 and st["config"]["algo"] == "naive"
+    assert st["config"]["lr"] == 0.5 and st["config"]["algo"] == "naive" and st["config"]["dtype"] == "bfloat16"
     assert st["optimizer"]["param_groups"][0]["lr"] == 0.5
+    run_train(["--out_dir", str(d), "--resume", "--max_iters", "3", "--dtype", "float32"])
+    assert "dtype 'bfloat16' -> 'float32'" in capsys.readouterr().out
+    assert torch.load(d / "ckpt" / "state.pt", weights_only=True)["config"]["dtype"] == "float32"
     for argv, msg in [(["--env", "split"], "differs from the checkpoint"),
                       (["--group_size", "3"], "must be a multiple")]:           # n_games 2 from the checkpoint
         with pytest.raises(SystemExit) as e:
-            TR.main(["--out_dir", str(d), "--resume", "--max_iters", "3"] + argv)
+            TR.main(["--out_dir", str(d), "--resume", "--max_iters", "4"] + argv)
         assert msg in str(e.value)
     w = d / "ckpt" / "model.safetensors"
     good = w.read_bytes()

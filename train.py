@@ -417,7 +417,8 @@ FIXED_ON_RESUME = ("env", "model_name", "n_rounds")    # what the checkpoint's p
 
 def resume_config(cfg, given, ckpt, rank, world):
     """--resume: the checkpoint's config, overridden by the knobs given on the command line (except
-    FIXED_ON_RESUME); device and dtype are this machine's, not the checkpoint's. -> (cfg, state)."""
+    FIXED_ON_RESUME). The device is this machine's; the dtype stays the run's unless given, since it changes
+    what is learned (a bf16 run resumed in fp32 would be another run). -> (cfg, state)."""
     if rank == 0:
         find_checkpoint(ckpt)                                           # may finish a swap a crash interrupted
     if world > 1:
@@ -433,13 +434,14 @@ def resume_config(cfg, given, ckpt, rank, world):
         if k in given and k in old and cfg[k] != old[k]:
             sys.exit(f"error: --{k} {cfg[k]} differs from the checkpoint's {old[k]!r}: a resumed run keeps it "
                      "(start a new run in another --out_dir to change it)")
-    changed = [k for k in given if k in old and k not in ("resume", "device", "dtype") and cfg[k] != old[k]]
+    changed = [k for k in given if k in old and k not in ("resume", "device") and cfg[k] != old[k]]
     if changed:
         print("resume: the command line changes " + ", ".join(f"{k} {old[k]!r} -> {cfg[k]!r}" for k in changed))
     cfg = {**cfg, **{k: v for k, v in old.items() if k in cfg and k not in given}, "out_dir": cfg["out_dir"]}
-    for k in ("device", "dtype"):                                       # the machine decides these
-        if k not in given:
-            cfg[k] = globals()[k]
+    if "device" not in given:                                           # the machine decides the device
+        cfg["device"] = globals()["device"]
+    if "dtype" not in given:
+        print(f"resume: dtype {cfg['dtype']}, as the checkpoint's run (--dtype changes it)")
     return cfg, state
 
 def load_state(ckpt):
