@@ -30,7 +30,7 @@ import torch
 
 import train
 from model import KVCache, cache_dtype, load_model, masked_log_softmax
-from rollout import LMPolicy, rollout
+from rollout import GRAPH_STATS, LMPolicy, rollout
 
 # -----------------------------------------------------------------------------
 # the device
@@ -83,20 +83,20 @@ def fwd_flops(model, n_tokens, n_logits):
 # -----------------------------------------------------------------------------
 # our rollout, with every model call recorded, then replayed alone
 
-def timed_rollout(model, env, pol, G, cfg, seed, autocast, now):
+def timed_rollout(model, env, pol, G, cfg, seed, autocast, now, cuda_graph=None):
     """Our rollout with model.extend wrapped to record each call's shape (no timer inside: on a GPU that
     would make the host wait for every call): -> (Rollout, wall s, calls [(B, T, cache slots used, cache
-    size, lengths)])."""
+    size, lengths)]). Steps replayed from a CUDA graph call no Python: GRAPH_STATS counts them."""
     calls, inner = [], model.extend
-    def extend(cache, idx, lengths):
-        calls.append((idx.size(0), idx.size(1), cache.span, cache.k.size(3), lengths.clone()))
-        return inner(cache, idx, lengths)
+    def extend(cache, idx, lengths, span=None):
+        calls.append((idx.size(0), idx.size(1), cache.span if span is None else span, cache.k.size(3), lengths.clone()))
+        return inner(cache, idx, lengths, span)
     model.extend = extend
     try:
         t0 = now()
         with autocast:
             ro = rollout(env, [pol], torch.zeros(G, 2, dtype=torch.long), G, seed=seed, group_size=cfg["group_size"],
-                         n_rounds=cfg["n_rounds"], max_msg_tokens=cfg["max_msg_tokens"])
+                         n_rounds=cfg["n_rounds"], max_msg_tokens=cfg["max_msg_tokens"], cuda_graph=cuda_graph)
         wall = now() - t0
     finally:
         del model.extend
@@ -195,11 +195,14 @@ def main():
     ap.add_argument("--max_msg_tokens", type=int, default=32)
     ap.add_argument("--baseline", default="true", choices=["true", "false"], help="also time transformers")
     ap.add_argument("--repeats", type=int, default=2, help="timed repeats of our rollout and update (median)")
+    ap.add_argument("--cuda_graph", default="auto", choices=["auto", "true", "false"],
+                    help="replay long decode turns as CUDA graphs (auto: on a GPU; true on a CPU: the same steps, eagerly)")
     args = ap.parse_args()
     dev_name, dt = train.pick_device_dtype(args.device, "auto")
     dev = torch.device(dev_name)
     now = clock(dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dt == "bfloat16")
+    graph = {"auto": None, "true": True, "false": False}[args.cuda_graph]
     if args.repeats < 1:
         raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
     cfg = train.resolve({k: getattr(train, k) for k in train.CONFIG_KEYS} |
@@ -220,7 +223,7 @@ def main():
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     # --- ours, after an untimed small iteration (kernels loaded, tables built: a training run's steady state)
-    ro, _, _ = timed_rollout(model, args.env, pol, cfg["group_size"], cfg | {"max_msg_tokens": 8}, 99, autocast, now)
+    ro, _, _ = timed_rollout(model, args.env, pol, cfg["group_size"], cfg | {"max_msg_tokens": 8}, 99, autocast, now, graph)
     model.train()
     train.update(model, None, torch.optim.Adam(model.parameters(), lr=0.0), ro,
                  train.compute_credits(ro.rewards, trained[:2 * cfg["group_size"]], cfg)[0],
@@ -229,9 +232,11 @@ def main():
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)             # one optimizer, as in training (and the baseline)
     for rep in range(args.repeats):
         model.eval()
-        ro, wall, calls = timed_rollout(model, args.env, pol, G, cfg, rep, autocast, now)
+        replays = GRAPH_STATS["replays"]
+        ro, wall, calls = timed_rollout(model, args.env, pol, G, cfg, rep, autocast, now, graph)
+        replays = GRAPH_STATS["replays"] - replays
         roll_t.append(wall)
-        print(f"rollout {rep + 1}/{args.repeats}: {wall:.2f} s, {len(calls)} model calls", flush=True)
+        print(f"rollout {rep + 1}/{args.repeats}: {wall:.2f} s, {len(calls)} model calls + {replays} graph replays", flush=True)
         credit, _ = train.compute_credits(ro.rewards, trained, cfg)
         model.train()
         t0 = now()
@@ -243,9 +248,10 @@ def main():
     roll_s, upd_s = statistics.median(roll_t), statistics.median(upd_t)
     peak_mem = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
-    # decode steps: calls that feed at most 8 new tokens per row; what they must read from memory
+    # decode steps: calls that feed at most 8 new tokens per row, and graph replays; what they must read from memory
     dec = [c for c in calls if c[1] <= 8]
-    decode_step_s = (roll_t[-1] - prefill_s) / len(dec) if dec else float("nan")   # the rest of the wall time
+    n_steps = len(dec) + replays
+    decode_step_s = (roll_t[-1] - prefill_s) / n_steps if n_steps else float("nan")   # the rest of the wall time
     w_bytes = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n or model.cfg.tie_embeddings)
     w_bytes *= 2 if dt == "bfloat16" else 4
     with autocast:
@@ -263,15 +269,18 @@ def main():
     train_flops = 3 * fwd_flops(model, n_train_tok - (int(trained.sum()) - n_mb) * P, n_dec)
     res = dict(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", dtype=dt, model=args.model,
                env=args.env, n_games=G, rollout_s=roll_s, rollout_tok_s=n_conv / roll_s, decode_step_ms=1e3 * decode_step_s,
-               n_decode_steps=len(dec), engine_overhead=roll_t[-1] / model_s, bandwidth_util=bandwidth_util,
+               n_decode_steps=n_steps, graph_replays=replays, bandwidth_util=bandwidth_util,
+               engine_overhead=roll_t[-1] / model_s if not replays else None,     # replays are not in the replay below
                train_s=upd_s, train_tok_s=n_train_tok / upd_s, rollout_mfu=roll_flops / roll_s / peak,
                train_mfu=train_flops / upd_s / peak, peak_mem_gib=peak_mem, peak_fp32_tflops=peak32 / 1e12,
                peak_bf16_tflops=peak16 / 1e12, bandwidth_gbs=bw / 1e9, conv_tokens=n_conv, train_tokens=n_train_tok,
                update_skipped=stats["skipped"])
     print(f"\nworkload: {G} {args.env} games x {cfg['n_rounds']} rounds = {2 * G} conversations, {n_conv} tokens; "
           f"update on {int(trained.sum())} trained conversations ({n_train_tok} tokens, {n_dec} decision tokens)")
-    print(f"rollout: {roll_s:.2f} s, {n_conv / roll_s:.0f} tok/s, MFU {res['rollout_mfu']:.1%}; {len(dec)} decode steps of "
-          f"{res['decode_step_ms']:.1f} ms; model calls alone {model_s:.2f} s -> engine_overhead {res['engine_overhead']:.2f}; "
+    overhead = (f"model calls alone {model_s:.2f} s -> engine_overhead {res['engine_overhead']:.2f}" if not replays else
+                f"engine_overhead not measured ({replays} steps were graph replays)")
+    print(f"rollout: {roll_s:.2f} s, {n_conv / roll_s:.0f} tok/s, MFU {res['rollout_mfu']:.1%}; {n_steps} decode steps of "
+          f"{res['decode_step_ms']:.1f} ms; {overhead}; "
           f"bandwidth_util {bandwidth_util:.3f}")
     print(f"update: {upd_s:.2f} s, {n_train_tok / upd_s:.0f} tok/s, MFU {res['train_mfu']:.1%}; peak memory {peak_mem:.2f} GiB")
     # --- transformers, same device, same dtype

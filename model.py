@@ -190,8 +190,10 @@ class KVCache:
             out = KVCache.__new__(KVCache)
             out.k = self.k.new_zeros(L, len(rows), H, S + room, D)   # zeros: slots past a row's end stay finite
             out.v = torch.zeros_like(out.k)
+            out.len = torch.zeros_like(self.len[rows])
         out.k[:, :, :, :S], out.v[:, :, :, :S] = self.k[:, rows, :, :S], self.v[:, rows, :, :S]
-        out.len, out.span, out.first = self.len[rows], S, int(self.len[rows].min())
+        out.len.copy_(self.len[rows])                                # in place: a captured step reads this tensor
+        out.span, out.first = S, int(out.len.min())
         return out
 
     def put(self, rows, sub):
@@ -242,7 +244,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope(pos, x.dtype)
         where = None if cache is None else (torch.arange(B, device=idx.device)[:, None], pos)  # chunk slots
         for i, block in enumerate(self.model.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i], where, cache.span)
+            kv = None if cache is None else (cache.k[i], cache.v[i], where, mask.size(-1))  # attend over the mask's slots
             x = block(x, cos, sin, mask, kv)[0]
         return self.model.norm(x)
 
@@ -277,16 +279,20 @@ class Transformer(nn.Module):
         return logp, entropy
 
     @torch.no_grad()
-    def extend(self, cache, idx, lengths):
+    def extend(self, cache, idx, lengths, span=None):
         """Append a ragged chunk to every row of the cache and return the logits that predict each row's
         next token. idx (B, T) left-aligned, lengths (B,) real tokens per row (0 = nothing new).
+        span: attend over this many slots, a bound the caller keeps (a decode step of fixed shapes, as a
+        CUDA graph replays it); default: the cache's own bound, grown by T.
         Returns (B, V) fp32 logits at each row's last real token (meaningless where lengths == 0)."""
         B, T = idx.shape
-        if cache.span + T > cache.k.size(3):
+        S = cache.span + T if span is None else span
+        if S > cache.k.size(3):
             raise RuntimeError(f"KV cache full ({cache.k.size(3)} slots): reserve room first")
+        if span is None:
+            cache.span = S                                                           # a bound on the new max(len)
         pos = cache.len[:, None] + torch.arange(T, device=idx.device)                # (B, T) positions = slots
-        cache.span += T                                                              # a bound on the new max(len)
-        mask = torch.arange(cache.span, device=idx.device) <= pos[:, :, None]        # (B, T, S): own past + causal
+        mask = torch.arange(S, device=idx.device) <= pos[:, :, None]                 # (B, T, S): own past + causal
         h = self.hidden(idx, pos, mask[:, None], cache)
         cache.len += lengths
         last = (lengths - 1).clamp(min=0)

@@ -195,12 +195,13 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(env, policies, seat_policy, n_games, seed, group_size=1, n_rounds=10, temperature=1.0,
-            constrained=True, max_msg_tokens=16, max_action_tokens=24, progress=None, local=None):
+            constrained=True, max_msg_tokens=16, max_action_tokens=24, progress=None, local=None, cuda_graph=None):
     """Play n_games of env. policies: list of LMPolicy/FixedPolicy; seat_policy (n_games, 2) indices into it.
     Games g and g' share the environment seed when g // group_size == g' // group_size.
     local: the game indices this process plays (a range; default all). The others are stepped as shadows
     with empty moves, so every process draws the same random numbers in the same order and a game plays
-    the same however the games are split over processes. -> Rollout of the local games."""
+    the same however the games are split over processes. cuda_graph: capture long decode turns as CUDA graphs
+    (decode); None = on a GPU, not on a CPU (True there runs the same fixed-shape steps eagerly). -> Rollout."""
     gen = torch.Generator().manual_seed(seed)
     local = range(n_games) if local is None else local
     games = [envs.make_game(env, seed * 100003 + g // group_size, n_rounds) for g in range(n_games)]
@@ -212,8 +213,10 @@ def rollout(env, policies, seat_policy, n_games, seed, group_size=1, n_rounds=10
             traj = [2 * g + s for g in local for s in (0, 1) if int(seat_policy[g][s]) == k]
             if traj:
                 m = pol.model
+                dev = m.lm_head.weight.device
+                graphs = {} if (dev.type == "cuda" if cuda_graph is None else cuda_graph) else None
                 rows[k] = dict(traj=traj, pending=[[] for _ in traj], shared=pol.chat.first(games[0].intro, "")[0],
-                               cache=KVCache(m.cfg, len(traj), 256, m.lm_head.weight.device, cache_dtype(m)))
+                               cache=KVCache(m.cfg, len(traj), 256, dev, cache_dtype(m)), graphs=graphs)
     while not all(g.done for g in games):
         acting = [(gi, p) for gi, g in enumerate(games) if not g.done for p in g.to_act()]
         texts = {(gi, p): games[gi].observe(p) for gi, p in acting}
@@ -258,12 +261,13 @@ def lm_turn(pol, st, acting, games, texts, toks, tab, u, temperature, budget, en
     if len(rows) == R:                       # every row acts (IPD, Split, proposals): decode in place
         u_rows = torch.zeros(u.size(0), R)
         u_rows[:, rows] = u
-        out = decode(pol, cache, tab, idx, lengths, rows, u_rows, temperature, budget, end_tag)
+        out = decode(pol, cache, tab, idx, lengths, rows, u_rows, temperature, budget, end_tag, st["graphs"])
         cols, u = rows, u_rows
     else:                                    # some rows act (a TAS message): decode a copy of them, write it back
         sel = torch.tensor(rows, device=idx.device)
         st["sub"] = sub = cache.take(sel, room, st.get("sub"))
-        out = decode(pol, sub, tab, idx[sel], lengths[sel], range(len(rows)), u, temperature, budget, end_tag)
+        out = decode(pol, sub, tab, idx[sel], lengths[sel], range(len(rows)), u, temperature, budget, end_tag,
+                     st["graphs"])
         cache.put(sel, sub)
         cols = range(len(rows))
     return record_turn(pol, st, tab, acting, rows, cols, games, toks, *out, u)
@@ -298,47 +302,109 @@ def feed(pol, st, acting, rows, games, texts, toks, tab):
         idx[r, :len(c)] = torch.tensor(c, dtype=torch.long)
     return idx.to(dev), torch.tensor([len(c) for c in chunks], device=dev)
 
+GRAPH_STATS = {"turns": 0, "captures": 0, "replays": 0, "failed": 0}   # fixed-shape decode turns; CUDA graphs
+_capture_stream = None
+
 @torch.no_grad()
-def decode(pol, cache, tab, idx, lengths, rows, u, temperature, budget, end_tag):
+def decode(pol, cache, tab, idx, lengths, rows, u, temperature, budget, end_tag, graphs=None):
     """Feed the chunk, then sample until every acting row has ended its reply. The state of every row lives in
     tensors on the model's device: its trie state (or FREE text, EOT only, DONE), its end-tag automaton state;
     a step is the same tensor program for all rows (rows that are done ride along, masked). No Python per row
     and no host read inside the turn but the every-`check`-steps test that all rows are done.
-    The cache already has room for the turn (lm_turn). u (steps, R): the uniforms of each step. -> (tokens
-    (steps, R, 1 + F): each step's sampled token then its forced run, -1 where nothing; their log-probs
-    (steps, R); the state each was sampled in (steps, R))"""
+    graphs: None, or a dict that keeps the turn's buffers by shape: then, on a turn of more than a few steps, every
+    step attends over a fixed number of slots (the turn's bound rounded up to 256) and writes into the same
+    buffers, so on a GPU the step is captured once as a CUDA graph and replayed (on a CPU it runs as is: the
+    tests' check of that program). The cache already has room for the turn (lm_turn). u (steps, R): the
+    uniforms of each step. -> (tokens (steps, R, 1 + F): each step's sampled token then its forced run, -1 where
+    nothing; their log-probs (steps, R); the state each was sampled in (steps, R))"""
     model, eot = pol.model, pol.chat.eot
     dev, (steps, R), F = idx.device, u.shape, tab.chain.size(2)
-    state = torch.full((R,), tab.DONE, dtype=torch.long)
-    state[rows] = tab.start if end_tag is None else (tab.FREE if budget > 1 else tab.EOT)
-    state, u = state.to(dev), u.to(dev)
-    tag = torch.zeros(R, dtype=torch.long, device=dev)          # end-tag automaton state (free text)
-    out_tok = torch.full((steps, R, 1 + F), -1, dtype=torch.long, device=dev)
-    out_logp = torch.zeros(steps, R, device=dev)
-    out_state = torch.full((steps, R), tab.DONE, dtype=torch.long, device=dev)
-    check = 1 if dev.type == "cpu" else 8
-    for i in range(steps):
-        logits = model.extend(cache, idx, lengths)                              # (R, V)
+    start = torch.full((R,), tab.DONE, dtype=torch.long)
+    start[rows] = tab.start if end_tag is None else (tab.FREE if budget > 1 else tab.EOT)
+    span, key, b = None, None, None
+    if graphs is not None and steps > 3:
+        bound = cache.span + idx.size(1) + (steps - 1) * (1 + F)               # the most slots any step reads
+        span = min(cache.k.size(3), -(-bound // 256) * 256)
+        key = (id(cache.k), span, id(tab), id(end_tag), budget, temperature, steps, R)
+        b = graphs.get(key)
+        GRAPH_STATS["turns"] += 1
+    if b is None:                                   # the turn's buffers: the step reads and writes only these
+        b = dict(state=torch.empty(R, dtype=torch.long, device=dev), tag=torch.empty(R, dtype=torch.long, device=dev),
+                 i=torch.empty(1, dtype=torch.long, device=dev), u=torch.empty(steps, R, device=dev),
+                 idx=torch.empty(R, 1 + F, dtype=torch.long, device=dev), lengths=torch.empty(R, dtype=torch.long, device=dev),
+                 tok=torch.empty(steps, R, 1 + F, dtype=torch.long, device=dev), logp=torch.empty(steps, R, device=dev),
+                 sampled_in=torch.empty(steps, R, dtype=torch.long, device=dev), graph=None, keep=(cache.k, tab, end_tag))
+        if key is not None:
+            graphs[key] = b
+    b["state"].copy_(start)
+    b["tag"].zero_()                                        # end-tag automaton state (free text)
+    b["i"].zero_()
+    b["u"].copy_(u)
+    b["tok"].fill_(-1)
+    b["logp"].zero_()
+    b["sampled_in"].fill_(tab.DONE)
+
+    def step(idx, lengths):                         # one step, in place on b: a fixed-shape tensor program
+        state, i = b["state"], b["i"]
+        logits = model.extend(cache, idx, lengths, span)                        # (R, V)
         allowed = tab.allowed[state]                                            # (R, K), -1 padded; all -1 = free
         lg = masked_logits(logits, allowed)
-        nxt = sample(lg, temperature, u=u[i])                                   # (R,)
+        nxt = sample(lg, temperature, u=b["u"].index_select(0, i)[0])          # (R,)
         logp = torch.log_softmax(lg / max(temperature, 1e-6), -1).gather(1, nxt[:, None]).squeeze(1)
         k = (allowed == nxt[:, None]).int().argmax(1)                           # which option of the state
         chain, n_chain, new = tab.chain[state, k], tab.chain_len[state, k], tab.next[state, k]
         if end_tag is not None:                                                 # free text: end tag, budget
-            tag = end_tag[tag, nxt]
-            over = (tag == end_tag.size(0) - 1) | (i + 2 >= budget)
+            b["tag"].copy_(end_tag[b["tag"], nxt])
+            over = (b["tag"] == end_tag.size(0) - 1) | (i + 2 >= budget)
             new = torch.where((state == tab.FREE) & over, tab.EOT, new)
         new = torch.where((nxt == eot) | (state == tab.EOT) | (state == tab.DONE), tab.DONE, new)
         live = state != tab.DONE
-        out_tok[i] = torch.where(live[:, None], torch.cat([nxt[:, None], chain], 1), -1)
-        out_logp[i], out_state[i] = logp, state
-        idx = torch.cat([nxt[:, None], chain.clamp(min=0)], 1)                  # fed next step, unless the row
-        lengths = torch.where(live & (new != tab.DONE), 1 + n_chain, 0)        # ended: then with the next turn
-        state = new
-        if (i + 1) % check == 0 and bool((state == tab.DONE).all()):
+        b["tok"].index_copy_(0, i, torch.where(live[:, None], torch.cat([nxt[:, None], chain], 1), -1)[None])
+        b["logp"].index_copy_(0, i, logp[None])
+        b["sampled_in"].index_copy_(0, i, state[None])
+        b["idx"].copy_(torch.cat([nxt[:, None], chain.clamp(min=0)], 1))       # fed next step, unless the row
+        b["lengths"].copy_(torch.where(live & (new != tab.DONE), 1 + n_chain, 0))  # ended: then with the next turn
+        state.copy_(new)
+        i.add_(1)
+
+    step(idx, lengths)                                                          # the chunk: its own shape
+    check = 1 if dev.type == "cpu" else 8
+    for n in range(1, steps):
+        if n % check == 0 and bool((b["state"] == tab.DONE).all()):
             break
-    return out_tok, out_logp, out_state
+        if b["graph"] is None and key is not None and dev.type == "cuda":
+            b["graph"] = capture(lambda: step(b["idx"], b["lengths"]))          # runs step n, then captures it
+            continue
+        if b["graph"]:
+            b["graph"].replay()
+            GRAPH_STATS["replays"] += 1
+        else:
+            step(b["idx"], b["lengths"])
+    if span is not None:
+        cache.span = int(cache.len.max())                   # the bound the steps did not keep
+    return b["tok"], b["logp"], b["sampled_in"]
+
+def capture(step):
+    """Run step once on a side stream (the real step: it warms up what a capture cannot set up, e.g. cuBLAS's
+    workspace for that stream), then capture it there as a CUDA graph. -> the graph, or False if the capture
+    failed (counted in GRAPH_STATS, reported once; the turn goes on eagerly)."""
+    global _capture_stream
+    side = _capture_stream = _capture_stream or torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, stream=side):
+            step()
+    except RuntimeError as e:
+        GRAPH_STATS["failed"] += 1
+        if GRAPH_STATS["failed"] == 1:
+            print(f"warning: CUDA graph capture failed, decoding eagerly ({str(e).splitlines()[0][:200]})")
+        return False
+    GRAPH_STATS["captures"] += 1
+    return graph
 
 def record_turn(pol, st, tab, acting, rows, cols, games, toks, out_tok, out_logp, out_state, u):
     """One read of the turn's buffers: every token into its trajectory (a sampled one with its log-prob, the

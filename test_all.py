@@ -1130,6 +1130,23 @@ def test_bf16_cache_under_autocast_is_exact(tiny_dir, dev):
     a, b = play(M.cache_dtype), play(lambda m: torch.float32)
     assert torch.equal(a.ids, b.ids) and torch.equal(a.sampler_logp, b.sampler_logp)
 
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_fixed_shape_decode_samples_the_same(tiny_dir, dev):
+    """The decode steps a CUDA graph captures (a fixed number of slots, the same buffers every step; on a CPU run
+    as is) sample exactly the tokens of the plain decode, TAS messages (some rows) and Split (every row) alike;
+    on CUDA the steps were captured and replayed."""
+    model, tok = M.load_dir(tiny_dir, dev, torch.float32)
+    pol = R.LMPolicy(model, tok)
+    for env in ("tas", "split"):
+        before = dict(R.GRAPH_STATS)
+        a, b = (R.rollout(env, [pol], torch.zeros(2, 2, dtype=torch.long), 2, seed=6, n_rounds=3, max_msg_tokens=10,
+                          cuda_graph=g) for g in (False, True))
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.length, b.length)
+        assert (a.sampler_logp - b.sampler_logp).abs().max() < 1e-4
+        assert R.GRAPH_STATS["turns"] > before["turns"]
+        if dev == "cuda":
+            assert R.GRAPH_STATS["captures"] > before["captures"] and R.GRAPH_STATS["replays"] > before["replays"]
+
 @pytest.mark.parametrize("env", ["ipd", "split", "tas"])
 def test_tables_accept_exactly_the_trie(smol, env):
     """Walking the compiled tables (every choice, then its forced run) yields exactly the valid action strings."""
