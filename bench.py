@@ -83,7 +83,7 @@ def fwd_flops(model, n_tokens, n_logits):
 # -----------------------------------------------------------------------------
 # our rollout, with every model call recorded, then replayed alone
 
-def timed_rollout(model, env, pol, G, cfg, seed, autocast, now, cuda_graph=None):
+def timed_rollout(model, env, pol, G, cfg, seed, autocast, now, cuda_graph=False):
     """Our rollout with model.extend wrapped to record each call's shape (no timer inside: on a GPU that
     would make the host wait for every call): -> (Rollout, wall s, calls [(B, T, cache slots used, cache
     size, lengths)]). Steps replayed from a CUDA graph call no Python: GRAPH_STATS counts them."""
@@ -195,14 +195,14 @@ def main():
     ap.add_argument("--max_msg_tokens", type=int, default=32)
     ap.add_argument("--baseline", default="true", choices=["true", "false"], help="also time transformers")
     ap.add_argument("--repeats", type=int, default=2, help="timed repeats of our rollout and update (median)")
-    ap.add_argument("--cuda_graph", default="auto", choices=["auto", "true", "false"],
-                    help="replay long decode turns as CUDA graphs (auto: on a GPU; true on a CPU: the same steps, eagerly)")
+    ap.add_argument("--cuda_graph", default="false", choices=["true", "false"],
+                    help="replay long decode turns as CUDA graphs (on a CPU: the same fixed-shape steps, eagerly)")
     args = ap.parse_args()
     dev_name, dt = train.pick_device_dtype(args.device, "auto")
     dev = torch.device(dev_name)
     now = clock(dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dt == "bfloat16")
-    graph = {"auto": None, "true": True, "false": False}[args.cuda_graph]
+    graph = args.cuda_graph == "true"
     if args.repeats < 1:
         raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
     cfg = train.resolve({k: getattr(train, k) for k in train.CONFIG_KEYS} |

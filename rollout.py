@@ -195,13 +195,13 @@ class Rollout:
 
 @torch.no_grad()
 def rollout(env, policies, seat_policy, n_games, seed, group_size=1, n_rounds=10, temperature=1.0,
-            constrained=True, max_msg_tokens=16, max_action_tokens=24, progress=None, local=None, cuda_graph=None):
+            constrained=True, max_msg_tokens=16, max_action_tokens=24, progress=None, local=None, cuda_graph=False):
     """Play n_games of env. policies: list of LMPolicy/FixedPolicy; seat_policy (n_games, 2) indices into it.
     Games g and g' share the environment seed when g // group_size == g' // group_size.
     local: the game indices this process plays (a range; default all). The others are stepped as shadows
     with empty moves, so every process draws the same random numbers in the same order and a game plays
-    the same however the games are split over processes. cuda_graph: capture long decode turns as CUDA graphs
-    (decode); None = on a GPU, not on a CPU (True there runs the same fixed-shape steps eagerly). -> Rollout."""
+    the same however the games are split over processes. cuda_graph: decode long turns as a fixed-shape step,
+    captured as a CUDA graph on a GPU (on a CPU the same steps run eagerly: for tests). -> Rollout."""
     gen = torch.Generator().manual_seed(seed)
     local = range(n_games) if local is None else local
     games = [envs.make_game(env, seed * 100003 + g // group_size, n_rounds) for g in range(n_games)]
@@ -214,7 +214,7 @@ def rollout(env, policies, seat_policy, n_games, seed, group_size=1, n_rounds=10
             if traj:
                 m = pol.model
                 dev = m.lm_head.weight.device
-                graphs = {} if (dev.type == "cuda" if cuda_graph is None else cuda_graph) else None
+                graphs = {} if cuda_graph else None
                 rows[k] = dict(traj=traj, pending=[[] for _ in traj], shared=pol.chat.first(games[0].intro, "")[0],
                                cache=KVCache(m.cfg, len(traj), 256, dev, cache_dtype(m)), graphs=graphs)
     while not all(g.done for g in games):

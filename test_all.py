@@ -1051,10 +1051,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @pytest.mark.parametrize("env", ["ipd", "split", "tas"])
 @pytest.mark.parametrize("algo", ["adalign", "naive"])
 def test_cuda_train_iteration(tiny_dir, tmp_path, env, algo):
-    """One short training iteration of each env and algo on CUDA (bf16 autocast) writes a finite log line."""
+    """One short training iteration of each env and algo on CUDA (bf16 autocast) writes a finite log line (TAS with
+    its messages decoded by CUDA graphs)."""
     log = run_train(["--env", env, "--algo", algo, "--max_iters", "1", "--model_name", tiny_dir, "--n_games", "4",
                      "--group_size", "2", "--n_rounds", "2", "--max_msg_tokens", "8", "--device", "cuda",
-                     "--out_dir", str(tmp_path / "o")])
+                     "--out_dir", str(tmp_path / "o"), "--cuda_graph", str(env == "tas").lower()])
     assert len(log) == 1 and math.isfinite(log[0]["loss"])
 
 @cuda

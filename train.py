@@ -54,7 +54,7 @@ group_size = 0            # games sharing an environment seed; 0 = the env's def
 max_msg_tokens = 16       # sampled tokens of a TAS message after its (fed) start tag, end tag included; the paper: 128
 temperature = 1.0         # sampling temperature during training
 constrained = True        # constrained decoding of actions (SPEC 3.7)
-cuda_graph = True         # on a GPU, replay long decode turns (messages) as captured CUDA graphs; no effect on a CPU
+cuda_graph = False        # on a GPU, replay long decode turns (messages) as CUDA graphs: not yet run on a GPU, so off
 # algorithm
 algo = "adalign"          # adalign | naive | sum
 jit = False               # AA's "jit" form (k <= t, no extra gamma) instead of the released one
@@ -665,7 +665,7 @@ def main(argv):
             ro = rollout(cfg["env"], policies, seat_policy, G, seed=cfg["seed"] * 1_000_003 + it,
                          group_size=cfg["group_size"], n_rounds=cfg["n_rounds"], temperature=cfg["temperature"],
                          constrained=cfg["constrained"], max_msg_tokens=cfg["max_msg_tokens"], progress=bar,
-                         local=local, cuda_graph=None if cfg["cuda_graph"] else False)
+                         local=local, cuda_graph=cfg["cuda_graph"] and dev.startswith("cuda"))
         t_roll = time.time() - t_roll
         # 3. credits over every rank's games, 4. update (gradients summed over the ranks)
         rewards = gather_rows(ro.rewards, world, dev)                   # (2G, T)
