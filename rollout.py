@@ -325,7 +325,8 @@ def decode(pol, cache, tab, idx, lengths, rows, u, temperature, budget, end_tag,
     if graphs is not None and steps > 3:
         bound = cache.span + idx.size(1) + (steps - 1) * (1 + F)               # the most slots any step reads
         span = min(cache.k.size(3), -(-bound // 256) * 256)
-        key = (id(cache.k), span, id(tab), id(end_tag), budget, temperature, steps, R)
+        key = (cache.k.data_ptr(), cache.v.data_ptr(), cache.len.data_ptr(), tuple(cache.k.shape), span, id(tab),
+               id(end_tag), budget, temperature, steps)        # a graph reads and writes these addresses
         b = graphs.get(key)
         GRAPH_STATS["turns"] += 1
     if b is None:                                   # the turn's buffers: the step reads and writes only these
@@ -333,7 +334,7 @@ def decode(pol, cache, tab, idx, lengths, rows, u, temperature, budget, end_tag,
                  i=torch.empty(1, dtype=torch.long, device=dev), u=torch.empty(steps, R, device=dev),
                  idx=torch.empty(R, 1 + F, dtype=torch.long, device=dev), lengths=torch.empty(R, dtype=torch.long, device=dev),
                  tok=torch.empty(steps, R, 1 + F, dtype=torch.long, device=dev), logp=torch.empty(steps, R, device=dev),
-                 sampled_in=torch.empty(steps, R, dtype=torch.long, device=dev), graph=None, keep=(cache.k, tab, end_tag))
+                 sampled_in=torch.empty(steps, R, dtype=torch.long, device=dev), graph=None)
         if key is not None:
             graphs[key] = b
     b["state"].copy_(start)
