@@ -13,7 +13,8 @@ freely to measure the raw model's invalid rate.
 
 The decode loop is built for a GPU: every row's state (its trie state compiled to integer tables, or free
 text with an end-tag automaton) is a tensor, one step is the same tensor program for all rows, the turn's
-random numbers are drawn at once, and the host reads the results once per turn. Every random number comes
+random numbers are drawn at once, and the host reads the results once per turn (with cuda_graph, a long turn's
+step has fixed shapes and buffers, and a GPU replays it as a captured CUDA graph). Every random number comes
 from a CPU generator seeded with (seed, iteration) in a fixed order, so a seed plays the same games on a
 CPU and a GPU, and in one process or split over several (`local`).
 """
@@ -261,16 +262,16 @@ def lm_turn(pol, st, acting, games, texts, toks, tab, u, temperature, budget, en
     if len(rows) == R:                       # every row acts (IPD, Split, proposals): decode in place
         u_rows = torch.zeros(u.size(0), R)
         u_rows[:, rows] = u
-        out = decode(pol, cache, tab, idx, lengths, rows, u_rows, temperature, budget, end_tag, st["graphs"])
+        ts = decode(pol, cache, tab, idx, lengths, rows, u_rows, temperature, budget, end_tag, st["graphs"])
         cols, u = rows, u_rows
     else:                                    # some rows act (a TAS message): decode a copy of them, write it back
         sel = torch.tensor(rows, device=idx.device)
         st["sub"] = sub = cache.take(sel, room, st.get("sub"))
-        out = decode(pol, sub, tab, idx[sel], lengths[sel], range(len(rows)), u, temperature, budget, end_tag,
+        ts = decode(pol, sub, tab, idx[sel], lengths[sel], range(len(rows)), u, temperature, budget, end_tag,
                      st["graphs"])
         cache.put(sel, sub)
         cols = range(len(rows))
-    return record_turn(pol, st, tab, acting, rows, cols, games, toks, *out, u)
+    return record_turn(pol, st, tab, acting, rows, cols, games, toks, ts, u)
 
 def feed(pol, st, acting, rows, games, texts, toks, tab):
     """Each acting row's new text (after the tokens it sampled last turn, not yet in the cache, and before
@@ -305,85 +306,102 @@ def feed(pol, st, acting, rows, games, texts, toks, tab):
 GRAPH_STATS = {"turns": 0, "captures": 0, "replays": 0, "failed": 0}   # fixed-shape decode turns; CUDA graphs
 _capture_stream = None
 
+@dataclass
+class TurnState:
+    """What a decode step reads and writes, for R rows, `steps` steps and forced runs of up to F tokens, on the
+    model's device. A step captured as a CUDA graph replays on exactly these tensors."""
+    state: torch.Tensor          # (R,) long: trie state, or FREE / EOT / DONE
+    tag: torch.Tensor            # (R,) long: end-tag automaton state (free text)
+    i: torch.Tensor              # (1,) long: the step
+    u: torch.Tensor              # (steps, R): the turn's uniforms
+    idx: torch.Tensor            # (R, 1 + F) long: the tokens fed at the next step
+    lengths: torch.Tensor        # (R,) long: how many of them are real (0: the row ended its reply)
+    tok: torch.Tensor            # (steps, R, 1 + F) long: each step's sampled token then its forced run, -1 where nothing
+    logp: torch.Tensor           # (steps, R): the sampled tokens' log-probs
+    sampled_in: torch.Tensor     # (steps, R) long: the state each was sampled in
+    graph: object = None         # the captured step (a CUDA graph), False if its capture failed
+
+    @staticmethod
+    def empty(R, steps, F, dev):
+        z = lambda *shape, dtype=torch.long: torch.empty(*shape, dtype=dtype, device=dev)
+        return TurnState(z(R), z(R), z(1), z(steps, R, dtype=torch.float), z(R, 1 + F), z(R), z(steps, R, 1 + F),
+                         z(steps, R, dtype=torch.float), z(steps, R))
+
+    def reset(self, start, u, done):
+        self.state.copy_(start)
+        self.tag.zero_()
+        self.i.zero_()
+        self.u.copy_(u)
+        self.tok.fill_(-1)
+        self.logp.zero_()
+        self.sampled_in.fill_(done)
+
 @torch.no_grad()
 def decode(pol, cache, tab, idx, lengths, rows, u, temperature, budget, end_tag, graphs=None):
     """Feed the chunk, then sample until every acting row has ended its reply. The state of every row lives in
-    tensors on the model's device: its trie state (or FREE text, EOT only, DONE), its end-tag automaton state;
-    a step is the same tensor program for all rows (rows that are done ride along, masked). No Python per row
-    and no host read inside the turn but the every-`check`-steps test that all rows are done.
-    graphs: None, or a dict that keeps the turn's buffers by shape: then, on a turn of more than a few steps, every
-    step attends over a fixed number of slots (the turn's bound rounded up to 256) and writes into the same
-    buffers, so on a GPU the step is captured once as a CUDA graph and replayed (on a CPU it runs as is: the
-    tests' check of that program). The cache already has room for the turn (lm_turn). u (steps, R): the
-    uniforms of each step. -> (tokens (steps, R, 1 + F): each step's sampled token then its forced run, -1 where
-    nothing; their log-probs (steps, R); the state each was sampled in (steps, R))"""
-    model, eot = pol.model, pol.chat.eot
+    tensors on the model's device (TurnState); a step is the same tensor program for all rows (rows that are
+    done ride along, masked). No Python per row and no host read inside the turn but the every-`check`-steps
+    test that all rows are done. graphs: None, or a dict that keeps TurnStates by shape: then a turn of more
+    than 3 steps attends over a fixed number of slots (its bound rounded up to 256), so on a GPU its step is
+    captured once as a CUDA graph and replayed (on a CPU the same steps run eagerly: the tests' check of them).
+    The cache already has room for the turn (lm_turn). u (steps, R): the uniforms of each step.
+    -> the TurnState, its tok, logp and sampled_in filled."""
     dev, (steps, R), F = idx.device, u.shape, tab.chain.size(2)
     start = torch.full((R,), tab.DONE, dtype=torch.long)
     start[rows] = tab.start if end_tag is None else (tab.FREE if budget > 1 else tab.EOT)
-    span, key, b = None, None, None
+    span, key, ts = None, None, None
     if graphs is not None and steps > 3:
         bound = cache.span + idx.size(1) + (steps - 1) * (1 + F)               # the most slots any step reads
         span = min(cache.k.size(3), -(-bound // 256) * 256)
         key = (cache.k.data_ptr(), cache.v.data_ptr(), cache.len.data_ptr(), tuple(cache.k.shape), span, id(tab),
                id(end_tag), budget, temperature, steps)        # a graph reads and writes these addresses
-        b = graphs.get(key)
+        ts = graphs.get(key)
         GRAPH_STATS["turns"] += 1
-    if b is None:                                   # the turn's buffers: the step reads and writes only these
-        b = dict(state=torch.empty(R, dtype=torch.long, device=dev), tag=torch.empty(R, dtype=torch.long, device=dev),
-                 i=torch.empty(1, dtype=torch.long, device=dev), u=torch.empty(steps, R, device=dev),
-                 idx=torch.empty(R, 1 + F, dtype=torch.long, device=dev), lengths=torch.empty(R, dtype=torch.long, device=dev),
-                 tok=torch.empty(steps, R, 1 + F, dtype=torch.long, device=dev), logp=torch.empty(steps, R, device=dev),
-                 sampled_in=torch.empty(steps, R, dtype=torch.long, device=dev), graph=None)
+    if ts is None:
+        ts = TurnState.empty(R, steps, F, dev)
         if key is not None:
-            graphs[key] = b
-    b["state"].copy_(start)
-    b["tag"].zero_()                                        # end-tag automaton state (free text)
-    b["i"].zero_()
-    b["u"].copy_(u)
-    b["tok"].fill_(-1)
-    b["logp"].zero_()
-    b["sampled_in"].fill_(tab.DONE)
-
-    def step(idx, lengths):                         # one step, in place on b: a fixed-shape tensor program
-        state, i = b["state"], b["i"]
-        logits = model.extend(cache, idx, lengths, span)                        # (R, V)
-        allowed = tab.allowed[state]                                            # (R, K), -1 padded; all -1 = free
-        lg = masked_logits(logits, allowed)
-        nxt = sample(lg, temperature, u=b["u"].index_select(0, i)[0])          # (R,)
-        logp = torch.log_softmax(lg / max(temperature, 1e-6), -1).gather(1, nxt[:, None]).squeeze(1)
-        k = (allowed == nxt[:, None]).int().argmax(1)                           # which option of the state
-        chain, n_chain, new = tab.chain[state, k], tab.chain_len[state, k], tab.next[state, k]
-        if end_tag is not None:                                                 # free text: end tag, budget
-            b["tag"].copy_(end_tag[b["tag"], nxt])
-            over = (b["tag"] == end_tag.size(0) - 1) | (i + 2 >= budget)
-            new = torch.where((state == tab.FREE) & over, tab.EOT, new)
-        new = torch.where((nxt == eot) | (state == tab.EOT) | (state == tab.DONE), tab.DONE, new)
-        live = state != tab.DONE
-        b["tok"].index_copy_(0, i, torch.where(live[:, None], torch.cat([nxt[:, None], chain], 1), -1)[None])
-        b["logp"].index_copy_(0, i, logp[None])
-        b["sampled_in"].index_copy_(0, i, state[None])
-        b["idx"].copy_(torch.cat([nxt[:, None], chain.clamp(min=0)], 1))       # fed next step, unless the row
-        b["lengths"].copy_(torch.where(live & (new != tab.DONE), 1 + n_chain, 0))  # ended: then with the next turn
-        state.copy_(new)
-        i.add_(1)
-
+            graphs[key] = ts
+    ts.reset(start, u, tab.DONE)
+    step = lambda idx, lengths: decode_step(pol, cache, tab, ts, idx, lengths, span, temperature, budget, end_tag)
     step(idx, lengths)                                                          # the chunk: its own shape
     check = 1 if dev.type == "cpu" else 8
     for n in range(1, steps):
-        if n % check == 0 and bool((b["state"] == tab.DONE).all()):
+        if n % check == 0 and bool((ts.state == tab.DONE).all()):
             break
-        if b["graph"] is None and key is not None and dev.type == "cuda":
-            b["graph"] = capture(lambda: step(b["idx"], b["lengths"]))          # runs step n, then captures it
-            continue
-        if b["graph"]:
-            b["graph"].replay()
+        if ts.graph is None and key is not None and dev.type == "cuda":
+            ts.graph = capture(lambda: step(ts.idx, ts.lengths))                # runs step n, then captures it
+        elif ts.graph:
+            ts.graph.replay()
             GRAPH_STATS["replays"] += 1
         else:
-            step(b["idx"], b["lengths"])
+            step(ts.idx, ts.lengths)
     if span is not None:
-        cache.span = int(cache.len.max())                   # the bound the steps did not keep
-    return b["tok"], b["logp"], b["sampled_in"]
+        cache.span = int(cache.len.max())                   # the bound the fixed-shape steps did not keep
+    return ts
+
+def decode_step(pol, cache, tab, ts, idx, lengths, span, temperature, budget, end_tag):
+    """One decode step for every row, in place on the TurnState ts: feed idx, sample, move each row's state."""
+    state, i, eot = ts.state, ts.i, pol.chat.eot
+    logits = pol.model.extend(cache, idx, lengths, span)                    # (R, V)
+    allowed = tab.allowed[state]                                            # (R, K), -1 padded; all -1 = free
+    lg = masked_logits(logits, allowed)
+    nxt = sample(lg, temperature, u=ts.u.index_select(0, i)[0])            # (R,)
+    logp = torch.log_softmax(lg / max(temperature, 1e-6), -1).gather(1, nxt[:, None]).squeeze(1)
+    k = (allowed == nxt[:, None]).int().argmax(1)                           # which option of the state
+    chain, n_chain, new = tab.chain[state, k], tab.chain_len[state, k], tab.next[state, k]
+    if end_tag is not None:                                                 # free text: end tag, budget
+        ts.tag.copy_(end_tag[ts.tag, nxt])
+        over = (ts.tag == end_tag.size(0) - 1) | (i + 2 >= budget)
+        new = torch.where((state == tab.FREE) & over, tab.EOT, new)
+    new = torch.where((nxt == eot) | (state == tab.EOT) | (state == tab.DONE), tab.DONE, new)
+    live = state != tab.DONE
+    ts.tok.index_copy_(0, i, torch.where(live[:, None], torch.cat([nxt[:, None], chain], 1), -1)[None])
+    ts.logp.index_copy_(0, i, logp[None])
+    ts.sampled_in.index_copy_(0, i, state[None])
+    ts.idx.copy_(torch.cat([nxt[:, None], chain.clamp(min=0)], 1))         # fed next step, unless the row
+    ts.lengths.copy_(torch.where(live & (new != tab.DONE), 1 + n_chain, 0))   # ended: then with the next turn
+    state.copy_(new)
+    i.add_(1)
 
 def capture(step):
     """Run step once on a side stream (the real step: it warms up what a capture cannot set up, e.g. cuBLAS's
@@ -407,13 +425,13 @@ def capture(step):
     GRAPH_STATS["captures"] += 1
     return graph
 
-def record_turn(pol, st, tab, acting, rows, cols, games, toks, out_tok, out_logp, out_state, u):
+def record_turn(pol, st, tab, acting, rows, cols, games, toks, ts, u):
     """One read of the turn's buffers: every token into its trajectory (a sampled one with its log-prob, the
     allowed set of its state and its uniform; a forced one with log-prob 0), the tokens of the last step
     kept to be fed with the row's next text. rows: each acting seat's cache row; cols: its column in the
     buffers. -> {(game, player): reply text}"""
     chat = pol.chat
-    out_tok, out_logp, out_state = out_tok.cpu(), out_logp.cpu(), out_state.cpu()
+    out_tok, out_logp, out_state = ts.tok.cpu(), ts.logp.cpu(), ts.sampled_in.cpu()
     replies = {}
     for (gi, p), r, c in zip(acting, rows, cols):
         t, g, out = 2 * gi + p, games[gi], list(tab.prefix)
