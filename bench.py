@@ -269,7 +269,8 @@ def main():
     train_flops = 3 * fwd_flops(model, n_train_tok - (int(trained.sum()) - n_mb) * P, n_dec)
     res = dict(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", dtype=dt, model=args.model,
                env=args.env, n_games=G, rollout_s=roll_s, rollout_tok_s=n_conv / roll_s, decode_step_ms=1e3 * decode_step_s,
-               n_decode_steps=n_steps, graph_replays=replays, bandwidth_util=bandwidth_util,
+               n_decode_steps=n_steps, graph_replays=replays, graph_captures=GRAPH_STATS["captures"],
+               graph_failed=GRAPH_STATS["failed"], bandwidth_util=bandwidth_util,
                engine_overhead=roll_t[-1] / model_s if not replays else None,     # replays are not in the replay below
                train_s=upd_s, train_tok_s=n_train_tok / upd_s, rollout_mfu=roll_flops / roll_s / peak,
                train_mfu=train_flops / upd_s / peak, peak_mem_gib=peak_mem, peak_fp32_tflops=peak32 / 1e12,
