@@ -88,8 +88,9 @@ def timed_rollout(model, env, pol, G, cfg, seed, autocast, now, cuda_graph=False
     would make the host wait for every call): -> (Rollout, wall s, calls [(B, T, cache slots used, cache
     size, lengths)]). Steps replayed from a CUDA graph call no Python: GRAPH_STATS counts them."""
     calls, inner = [], model.extend
-    def extend(cache, idx, lengths, span=None):
-        calls.append((idx.size(0), idx.size(1), cache.span if span is None else span, cache.k.size(3), lengths.clone()))
+    def extend(cache, idx, lengths, span=None):          # slots used before the chunk: with a fixed span, as many
+        s0 = cache.span if span is None else span - idx.size(1)     # as make the replay read that span
+        calls.append((idx.size(0), idx.size(1), s0, cache.k.size(3), lengths.clone()))
         return inner(cache, idx, lengths, span)
     model.extend = extend
     try:
