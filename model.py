@@ -183,12 +183,13 @@ class KVCache:
     def take(self, rows, room, out=None):
         """A cache holding a copy of these rows (a long tensor of row indices) and room for `room` more slots,
         to extend those rows alone. out: the cache of an earlier take, reused when it fits (a fresh buffer
-        costs more than the copy on a CPU). One host read: the first slot any of these rows can write."""
-        L, _, H, _, D = self.k.shape
+        costs more than the copy on a CPU; a new one is as long as this cache, so it fits until this one grows,
+        and a decode step captured on it can be replayed). One host read: the first slot these rows can write."""
+        L, _, H, M, D = self.k.shape
         S = self.span
         if out is None or out.k.size(1) != len(rows) or out.k.size(3) < S + room:
             out = KVCache.__new__(KVCache)
-            out.k = self.k.new_zeros(L, len(rows), H, S + room, D)   # zeros: slots past a row's end stay finite
+            out.k = self.k.new_zeros(L, len(rows), H, max(M, S + room), D)   # zeros: slots past a row's end stay finite
             out.v = torch.zeros_like(out.k)
             out.len = torch.zeros_like(self.len[rows])
         out.k[:, :, :, :S], out.v[:, :, :, :S] = self.k[:, rows, :, :S], self.v[:, rows, :, :S]

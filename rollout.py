@@ -368,7 +368,7 @@ def decode(pol, cache, tab, idx, lengths, rows, u, temperature, budget, end_tag,
     for n in range(1, steps):
         if n % check == 0 and bool((ts.state == tab.DONE).all()):
             break
-        if ts.graph is None and key is not None and dev.type == "cuda":
+        if ts.graph is None and key is not None and can_capture(dev):
             ts.graph = capture(lambda: step(ts.idx, ts.lengths))                # runs step n, then captures it
         elif ts.graph:
             ts.graph.replay()
@@ -402,6 +402,9 @@ def decode_step(pol, cache, tab, ts, idx, lengths, span, temperature, budget, en
     ts.lengths.copy_(torch.where(live & (new != tab.DONE), 1 + n_chain, 0))   # ended: then with the next turn
     state.copy_(new)
     i.add_(1)
+
+def can_capture(dev):
+    return dev.type == "cuda"
 
 def capture(step):
     """Run step once on a side stream (the real step: it warms up what a capture cannot set up, e.g. cuBLAS's

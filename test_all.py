@@ -1148,6 +1148,32 @@ def test_fixed_shape_decode_samples_the_same(tiny_dir, dev):
         if dev == "cuda":
             assert R.GRAPH_STATS["captures"] > before["captures"] and R.GRAPH_STATS["replays"] > before["replays"]
 
+def test_graph_replays_sample_the_same(tiny_dir, monkeypatch):
+    """decode's use of graphs, on a CPU: a stand-in for the capture (it runs the step once, as the real one's
+    warm-up does, and returns an object whose replay runs it again) samples exactly the plain decode's tokens,
+    and a graph captured in one turn is replayed in later turns of the same shape (TAS messages, Split)."""
+    class Replay:
+        def __init__(self, step):
+            self.step = step
+        def replay(self):
+            self.step()
+    def fake_capture(step):
+        step()
+        R.GRAPH_STATS["captures"] += 1
+        return Replay(step)
+    monkeypatch.setattr(R, "can_capture", lambda dev: True)
+    monkeypatch.setattr(R, "capture", fake_capture)
+    model, tok = M.load_dir(tiny_dir, "cpu", torch.float32)
+    pol = R.LMPolicy(model, tok)
+    for env in ("tas", "split"):
+        before = dict(R.GRAPH_STATS)
+        a, b = (R.rollout(env, [pol], torch.zeros(2, 2, dtype=torch.long), 2, seed=7, n_rounds=4, max_msg_tokens=10,
+                          cuda_graph=g) for g in (False, True))
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.length, b.length)
+        assert (a.sampler_logp - b.sampler_logp).abs().max() < 1e-4
+        turns, captures = (R.GRAPH_STATS[k] - before[k] for k in ("turns", "captures"))
+        assert 0 < captures < turns and R.GRAPH_STATS["replays"] > before["replays"]
+
 @pytest.mark.parametrize("env", ["ipd", "split", "tas"])
 def test_tables_accept_exactly_the_trie(smol, env):
     """Walking the compiled tables (every choice, then its forced run) yields exactly the valid action strings."""
