@@ -214,10 +214,9 @@ def rollout(env, policies, seat_policy, n_games, seed, group_size=1, n_rounds=10
             traj = [2 * g + s for g in local for s in (0, 1) if int(seat_policy[g][s]) == k]
             if traj:
                 m = pol.model
-                dev = m.lm_head.weight.device
-                graphs = {} if cuda_graph else None
                 rows[k] = dict(traj=traj, pending=[[] for _ in traj], shared=pol.chat.first(games[0].intro, "")[0],
-                               cache=KVCache(m.cfg, len(traj), 256, dev, cache_dtype(m)), graphs=graphs)
+                               cache=KVCache(m.cfg, len(traj), 256, m.lm_head.weight.device, cache_dtype(m)),
+                               graphs={} if cuda_graph else None)      # decode's TurnStates (and graphs) by shape
     while not all(g.done for g in games):
         acting = [(gi, p) for gi, g in enumerate(games) if not g.done for p in g.to_act()]
         texts = {(gi, p): games[gi].observe(p) for gi, p in acting}
