@@ -901,13 +901,14 @@ def test_masked_log_softmax_with_token_zero():
 @pytest.mark.parametrize("env,temperature", [("ipd", 1.0), ("tas", 1.0), ("ipd", 0.7)])
 def test_sampler_logprobs_equal_training_logprobs(tiny_dir, odd_dir, which, env, temperature):
     """On-policy: the log-prob the sampler drew each token with equals what the loss scores (fp32, cached
-    incremental decode vs one full forward: 1e-4), at the sampling temperature, for both tokenizers."""
+    incremental decode vs one full forward: within 1e-5, the engine issue's bound; measured <= 2.3e-6), at the
+    sampling temperature, for both tokenizers."""
     model, tok = M.load_dir(tiny_dir if which == "tiny" else odd_dir, "cpu", torch.float32)
     ro = R.rollout(env, [R.LMPolicy(model, tok)], torch.zeros(2, 2, dtype=torch.long), 2, seed=1, n_rounds=2,
                    temperature=temperature, max_msg_tokens=8)
     assert not ro.invalid.any()
     logp, _ = model.token_logprobs(ro.ids, ro.action_mask, ro.allowed[ro.action_mask], temperature=temperature)
-    assert torch.allclose(logp, ro.sampler_logp[ro.action_mask], atol=1e-4)
+    assert (logp - ro.sampler_logp[ro.action_mask]).abs().max() < 1e-5
 
 def test_memory_one_any_tokenizer(odd_dir):
     """The readout finds the choice where '<A>' and '<B>' part, here at their first token, and equals the
