@@ -463,6 +463,17 @@ def test_tabular_demo_naive_defects_aa_reciprocates():
     assert recip(p_a) > recip(p_n) + 0.5
     assert coop_n < 0.1 and coop_a > coop_n + 0.3
 
+def test_tabular_split_and_tas_with_train_credits():
+    """results/tabular.py (the README's "method or model" table): with train.py's credits, the oracle reaches
+    Split's welfare-max and AA reciprocates where naive turns greedy; in TAS the oracle needs the messages."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    import tabular
+    w = {a: tabular.train_tabular("split", a, 1.0, seed=0, iters=80, n_games=32)[0] for a in ("naive", "sum", "adalign")}
+    assert w["sum"] > 240 and w["naive"] < 195 and w["adalign"] > w["naive"] + 15, w
+    talk = tabular.train_tabular("tas", "sum", 0.0, seed=0, iters=80, start_truthful=0.9, n_games=32)[0]
+    silent = tabular.train_tabular("tas_silent", "sum", 0.0, seed=0, iters=80, n_games=32)[0]
+    assert talk > 80 and silent < 56, (talk, silent)
+
 # -----------------------------------------------------------------------------
 # rollout.py and train.py
 
