@@ -54,7 +54,7 @@ def draw(probs, gen):
 
 def play_split(tables, n, group_size, gen):
     """One round for n games. tables {"claim": (2, 3 memories, 3 situations, 11)}, memory (2, n) in tables["mem"].
-    -> log-prob (2, n), rewards (2, n), what to read out."""
+    -> log-prob (2, n), rewards (2, n)."""
     vals = PROFILES[torch.randint(len(PROFILES), (n // group_size,), generator=gen).repeat_interleave(group_size)]
     vals = vals.transpose(0, 1)                                                          # (2, n, 3)
     situation = torch.where(vals > vals.flip(0), 0, torch.where(vals == vals.flip(0), 1, 2))   # (2, n, 3)
@@ -66,7 +66,8 @@ def play_split(tables, n, group_size, gen):
     return logp.sum(-1), (got * vals).sum(-1)
 
 def play_tas(tables, n, group_size, gen):
-    """One round of TAS (tables["msg"] (2, 3 hands, 3) and claim (2, 3 memories, 3 hands, M, 11); M = 1: silent)."""
+    """One round of TAS (tables["msg"] (2, 3 hands, 3) and claim (2, 3 memories, 3 hands, M, 11); M = 1: silent).
+    -> log-prob (2, n), rewards (2, n); player 0's claims by hand appended to tables["read"]."""
     hands = HAND_PAIRS[torch.randint(6, (n // group_size,), generator=gen).repeat_interleave(group_size)].T   # (2, n)
     upper = BEATEN[hands] == hands.flip(0)                                               # (2, n)
     logp = torch.zeros(2, n)
@@ -109,7 +110,7 @@ def train_tabular(env, algo, beta, seed, iters=300, start_p10=0.0, start_truthfu
     if start_truthful > 0:                               # P(message = own hand) = start_truthful
         msg[:, torch.arange(3), torch.arange(3)] = torch.tensor(2 * start_truthful / (1 - start_truthful)).log()
     params = [claim.requires_grad_(True)] + ([msg.requires_grad_(True)] if env == "tas" else [])
-    tables = {"claim": claim, "msg": params[-1]}
+    tables = {"claim": claim, "msg": msg}                # msg: used in tas only
     opt = torch.optim.Adam(params, lr=lr)
     group = torch.arange(n_games) // d["group_size"]
     player = torch.zeros(n_games, dtype=torch.long)
