@@ -474,6 +474,19 @@ def test_tabular_split_and_tas_with_train_credits():
     silent = tabular.train_tabular("tas_silent", "sum", 0.0, seed=0, iters=80, n_games=32)[0]
     assert talk > 80 and silent < 56, (talk, silent)
 
+def test_split_vs_greedy_replays_the_runs_draws():
+    """results/split_vs_greedy.py (README: Split): it replays a run's value draws, so a run that turned greedy scores
+    exactly greedy's welfare there; welfare-max gains 90 points per round over greedy on any draws."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    import split_vs_greedy as svg
+    log = [json.loads(line) for line in open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                          "split_naive_bf16_seed0_log.jsonl"))]
+    for it in (40, 41, 59):                            # naive seed 0 plays greedy by then (claims 10 / 10 / 10)
+        g = svg.welfare("greedy", 0, it)
+        assert abs(log[it]["welfare"] - g) < 1e-3, (it, log[it]["welfare"], g)
+        assert abs(svg.welfare("welfare_max", 0, it) - g - 90) < 1e-3
+    assert len({round(svg.welfare("greedy", 0, it), 3) for it in range(8)}) > 2     # the draws do differ
+
 # -----------------------------------------------------------------------------
 # rollout.py and train.py
 

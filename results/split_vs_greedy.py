@@ -19,10 +19,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from rollout import FixedPolicy, rollout    # noqa: E402
 
-def welfare(strategy, it, a):
-    """Welfare per round of `strategy` in self-play on iteration it's games of a run with seed a.seed."""
-    ro = rollout("split", [FixedPolicy("split", strategy)], torch.zeros(a.n_games, 2, dtype=torch.long), a.n_games,
-                 seed=a.seed * 1_000_003 + it, group_size=a.group_size)
+def welfare(strategy, seed, it, n_games=8, group_size=8):
+    """Welfare per round of `strategy` in self-play on the games of iteration `it` of a train.py run."""
+    ro = rollout("split", [FixedPolicy("split", strategy)], torch.zeros(n_games, 2, dtype=torch.long), n_games,
+                 seed=seed * 1_000_003 + it, group_size=group_size)
     return (ro.rewards[0::2] + ro.rewards[1::2]).mean().item()
 
 def main():
@@ -44,7 +44,7 @@ def main():
         gap, share = [], []
         for r in log:
             if r["iter"] not in cache:
-                cache[r["iter"]] = welfare("greedy", r["iter"], a), welfare("welfare_max", r["iter"], a)
+                cache[r["iter"]] = [welfare(k, a.seed, r["iter"], a.n_games, a.group_size) for k in ("greedy", "welfare_max")]
             g, w = cache[r["iter"]]
             gap.append(r["welfare"] - g)
             share.append(gap[-1] / (w - g))
