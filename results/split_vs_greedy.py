@@ -41,17 +41,18 @@ def main():
             log = [json.loads(line) for line in open(f)]
         except (OSError, json.JSONDecodeError) as e:
             sys.exit(f"error: {f}: {e}")
-        gap, share = [], []
+        gap, share, gain = [], [], []
         for r in log:
             if r["iter"] not in cache:
                 cache[r["iter"]] = [welfare(k, a.seed, r["iter"], a.n_games, a.group_size) for k in ("greedy", "welfare_max")]
             g, w = cache[r["iter"]]
             gap.append(r["welfare"] - g)
-            share.append(gap[-1] / (w - g))
+            gain.append(w - g)
+            share.append(gap[-1] / gain[-1])
         blocks = lambda x, fmt: " ".join(format(sum(x[i:i + a.block]) / len(x[i:i + a.block]), fmt)
                                          for i in range(0, len(x), a.block))
         print(f"{f}: {len(log)} iterations; blocks of {a.block}: welfare - greedy's {blocks(gap, '+.1f')} | "
-              f"share of welfare-max's gain {blocks(share, '+.3f')}")
+              f"share of welfare-max's gain {blocks(share, '+.3f')} (that gain: {min(gain):.1f} to {max(gain):.1f})")
 
 if __name__ == "__main__":
     main()
