@@ -9,7 +9,12 @@ env's defaults) against what the player did in that round. Split: the units it c
 less to it than to the other, of the item worth more, and of all three. TAS: the coins it claimed when it
 held the upper hand, when it held the lower hand, and whether its message named its own hand. The policy
 gradient raises the log-probability of a round's tokens in proportion to the round's credit, so a
-positive correlation means the update pushes that quantity up."""
+positive correlation means the update pushes that quantity up.
+
+Split also gets the game's own arithmetic on the same proposals, with no credit noise: how much one more unit
+claimed changes the round's welfare (what the myopic cooperative credit, --algo sum with gamma near 0, pushes
+on), by the item's worth to the player and by whether the two claims on it still fit in 10 units (then the
+unit was unclaimed and the welfare gains its value to the player) or are shared in proportion."""
 import argparse
 import os
 import sys
@@ -17,6 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import envs                                    # noqa: E402
 import train                                   # noqa: E402
 from model import load_model                   # noqa: E402
 from rollout import LMPolicy, rollout, round_claims    # noqa: E402
@@ -44,6 +50,7 @@ def main(env="split", n_rollouts=6, n_games=8):
     model, tok = load_model("smollm2-135m")
     pol, rows = LMPolicy(model, tok), []
     trained = torch.ones(2 * n_games, dtype=torch.bool)
+    margins = []                                                         # Split: (k, fits, dW) per item
     for rep in range(n_rollouts):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             ro = rollout(env, [pol], torch.zeros(n_games, 2, dtype=torch.long), n_games, seed=1000 + rep,
@@ -53,6 +60,8 @@ def main(env="split", n_rollouts=6, n_games=8):
             for p in (0, 1):
                 for t, info in enumerate(g.info):
                     rows.append(features(env, info, p) + [C[a][2 * gi + p, t].item() for a in ALGOS])
+                    if env == "split":
+                        margins += marginal_welfare(info, p)
     X = torch.tensor(rows)                                               # (n, 3 + len(ALGOS))
     print(f"{len(rows)} (trajectory, round) pairs of the base model in {env}; means: " +
           ", ".join(f"{name} {X[:, j].nanmean():.2f}" for j, name in enumerate(COLUMNS[env])))
@@ -63,6 +72,32 @@ def main(env="split", n_rollouts=6, n_games=8):
             ok = ~X[:, k].isnan()
             cells.append(f"{corr(X[ok, 3 + j], X[ok, k]):+.3f}")
         print(f"| {a} | " + " | ".join(cells) + " |")
+
+    if margins:
+        print_margins(margins)
+
+def marginal_welfare(info, p):
+    """Split, one round: for each item player p claimed fewer than 10 units of, the welfare change of claiming one
+    more (the other's claim fixed) -> [(k: 0 worth more to p / 1 as much / 2 less, fits: the claims then still
+    sum to 10 or less, dW)]."""
+    out = []
+    for mine, theirs, a, b in zip(info["values"][p], info["values"][1 - p], info["claims"][p], info["claims"][1 - p]):
+        if a < 10:
+            w = lambda x: sum(g * v for g, v in zip(envs.proportional(x, b), (mine, theirs)))
+            out.append((0 if mine > theirs else 2 if mine < theirs else 1, a + 1 + b <= 10, w(a + 1) - w(a)))
+    return out
+
+def print_margins(margins):
+    M = torch.tensor(margins, dtype=torch.float)                         # (n, 3): k, fits, dW
+    print(f"\nSplit: welfare change of one more unit claimed ({len(M)} (player, round, item) cases below 10 units; "
+          "per case, and its share of all cases)")
+    print("| item worth | all | claims fit in 10 (unclaimed units) | shared in proportion |\n|---|---|---|---|")
+    for k, name in enumerate(("more to the player", "as much", "less")):
+        cells = []
+        for sel in (M[:, 0] == k, (M[:, 0] == k) & (M[:, 1] == 1), (M[:, 0] == k) & (M[:, 1] == 0)):
+            cells.append(f"{M[sel, 2].mean():+.2f} ({sel.float().mean():.0%})" if sel.any() else "-")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"| every item | {M[:, 2].mean():+.2f} | {M[M[:, 1] == 1, 2].mean():+.2f} | {M[M[:, 1] == 0, 2].mean():+.2f} |")
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
