@@ -487,6 +487,21 @@ def test_split_vs_greedy_replays_the_runs_draws():
         assert abs(svg.welfare("welfare_max", 0, it) - g - 90) < 1e-3
     assert len({round(svg.welfare("greedy", 0, it), 3) for it in range(8)}) > 2     # the draws do differ
 
+
+def test_credit_check_marginal_welfare_by_hand():
+    """results/credit_check.py's Split arithmetic (README: Split): the welfare change of one more unit claimed, item by
+    item, equals the hand-computed one, tells the cases where the claims still fit in 10, and skips a claim of 10."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    import credit_check
+    info = {"values": ((10, 1, 1), (1, 1, 10)), "claims": ((8, 5, 3), (9, 4, 10))}
+    got = credit_check.marginal_welfare(info, 0)
+    assert [(k, fits) for k, fits, _ in got] == [(0, False), (1, True), (2, False)]     # worth more / as much / less
+    want = [55 - (800 + 90) / 17, 1.0, (40 + 1000) / 14 - (30 + 1000) / 13]  # hats 9|8 vs 9; a free book; balls 4|3 vs 10
+    assert all(abs(g[2] - w) < 1e-9 for g, w in zip(got, want)), got
+    other = credit_check.marginal_welfare(info, 1)                          # player 1 claimed 10 balls: no case
+    assert [(k, fits) for k, fits, _ in other] == [(2, False), (1, True)]
+    assert abs(other[0][2] - (900 / 18 - 890 / 17)) < 1e-9 and abs(other[1][2] - 1.0) < 1e-9   # 10 vs 8, 9 vs 8 hats
+
 # -----------------------------------------------------------------------------
 # rollout.py and train.py
 
