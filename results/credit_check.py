@@ -81,10 +81,11 @@ def marginal_welfare(info, p):
     more (the other's claim fixed) -> [(k: 0 worth more to p / 1 as much / 2 less, fits: the claims then still
     sum to 10 or less, dW)]."""
     out = []
-    for mine, theirs, a, b in zip(info["values"][p], info["values"][1 - p], info["claims"][p], info["claims"][1 - p]):
+    for (k, a), mine, theirs, b in zip(round_claims("split", info, p), info["values"][p], info["values"][1 - p],
+                                       info["claims"][1 - p]):                   # k: round_claims' situation
         if a < 10:
             w = lambda x: sum(g * v for g, v in zip(envs.proportional(x, b), (mine, theirs)))
-            out.append((0 if mine > theirs else 2 if mine < theirs else 1, a + 1 + b <= 10, w(a + 1) - w(a)))
+            out.append((k, a + 1 + b <= 10, w(a + 1) - w(a)))
     return out
 
 def print_margins(margins):
