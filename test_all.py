@@ -639,7 +639,8 @@ def test_train_cli_errors(capsys):
                       (["--env", "chess"], "--env must be"), (["--n_games", "5", "--env", "split"], "multiple"),
                       (["--resume", "--out_dir", "/nonexistent_dir"], "no checkpoint"),
                       (["--env", "tas", "--max_msg_tokens", "0"], "--max_msg_tokens must be at least 1"),
-                      (["--n_games", "-3"], "--n_games must be 0"), (["--gamma", "-0.5"], "--gamma must be -1")]:
+                      (["--n_games", "-3"], "--n_games must be 0"), (["--gamma", "-0.5"], "--gamma must be -1"),
+                      (["--gamma", "1.5"], "0 <= gamma <= 1")]:
         with pytest.raises(SystemExit) as e:
             TR.main(argv)
         assert msg in str(e.value)

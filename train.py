@@ -167,8 +167,8 @@ def resolve(cfg, given=()):
             sys.exit(f"error: --{k} must be at least 1, got {cfg[k]}")
     if cfg["n_games"] % cfg["group_size"]:
         sys.exit(f"error: n_games ({cfg['n_games']}) must be a multiple of group_size ({cfg['group_size']})")
-    if not 0 < cfg["gamma"] <= 1 or cfg["lr"] <= 0 or cfg["temperature"] <= 0:
-        sys.exit("error: need 0 < gamma <= 1, lr > 0 and temperature > 0")
+    if cfg["gamma"] > 1 or cfg["lr"] <= 0 or cfg["temperature"] <= 0:    # gamma 0: each round's credit is its own
+        sys.exit("error: need 0 <= gamma <= 1, lr > 0 and temperature > 0")
     for k in ("buffer_prob", "buffer_fixed_prob"):
         if not 0 <= cfg[k] <= 1:
             sys.exit(f"error: --{k} must be between 0 and 1, got {cfg[k]}")
