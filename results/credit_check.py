@@ -1,4 +1,4 @@
-"""Which way does each algorithm's credit push a proposal? (README: Split's sum-of-rewards arm; TAS)
+"""Which way does each algorithm's credit push a proposal? (results/README.md: Split's sum-of-rewards arm; TAS)
 
     python results/credit_check.py                  # split: ~10 min on 2 CPU cores (beside two training runs)
     python results/credit_check.py --env tas        # tas: ~15 min (the same)

@@ -1,4 +1,4 @@
-"""How far above the greedy strategy is a Split run's welfare, on the same value draws? (README: Split)
+"""How far above the greedy strategy is a Split run's welfare, on the same value draws? (results/README.md: Split)
 
     python results/split_vs_greedy.py results/split_*_bf16_seed0_log.jsonl          # a few seconds
     python results/split_vs_greedy.py --seed 1 results/split_*_bf16_seed1_log.jsonl

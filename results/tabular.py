@@ -1,4 +1,4 @@
-"""Split and Trust-and-Split with tabular learners: is it the method or the model? (README: "the paper's claims")
+"""Split and Trust-and-Split with tabular learners: is it the method or the model? (results/README.md: "Is it the method or the model?")
 
     python results/tabular.py --env split                        # naive, sum, AA; 3 seeds each; ~40 s on 1 CPU core
     python results/tabular.py --env split --start_p10 0 0.65 0.9 # also from near-greedy starts
