@@ -464,7 +464,7 @@ def test_tabular_demo_naive_defects_aa_reciprocates():
     assert coop_n < 0.1 and coop_a > coop_n + 0.3
 
 def test_tabular_split_and_tas_with_train_credits():
-    """results/tabular.py (the README's "method or model" table): with train.py's credits, the oracle reaches
+    """results/tabular.py (results/README.md's "method or model" table): with train.py's credits, the oracle reaches
     Split's welfare-max and AA reciprocates where naive turns greedy; in TAS the oracle needs the messages."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     import tabular
@@ -475,7 +475,7 @@ def test_tabular_split_and_tas_with_train_credits():
     assert talk > 80 and silent < 56, (talk, silent)
 
 def test_split_vs_greedy_replays_the_runs_draws():
-    """results/split_vs_greedy.py (README: Split): it replays a run's value draws, so a run that turned greedy scores
+    """results/split_vs_greedy.py (results/README.md: Split): it replays a run's value draws, so a run that turned greedy scores
     exactly greedy's welfare there; welfare-max gains 90 points per round over greedy (on every draw checked)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     import split_vs_greedy as svg
@@ -489,7 +489,7 @@ def test_split_vs_greedy_replays_the_runs_draws():
 
 
 def test_credit_check_marginal_welfare_by_hand():
-    """results/credit_check.py's Split arithmetic (README: Split): the welfare change of one more unit claimed, item by
+    """results/credit_check.py's Split arithmetic (results/README.md: Split): the welfare change of one more unit claimed, item by
     item, equals the hand-computed one, tells the cases where the claims still fit in 10, and skips a claim of 10."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     import credit_check
@@ -1318,7 +1318,7 @@ def test_torchrun_two_processes_equal_one(tiny_dir, tmp_path):
     assert [json.loads(l)["iter"] for l in open(tmp_path / "two" / "log.jsonl")] == [0, 1, 2]
 
 def test_credit_check_features():
-    """results/credit_check.py reads the item worth less / more and the hand of a round: a wrong index would flip its README tables."""
+    """results/credit_check.py reads the item worth less / more and the hand of a round: a wrong index would flip its tables in results/README.md."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("credit_check", os.path.join(os.path.dirname(__file__), "results", "credit_check.py"))
     cc = importlib.util.module_from_spec(spec)
