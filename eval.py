@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 
 import torch
@@ -405,5 +406,9 @@ def _has_mpl():
     except ImportError:
         return False
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)          # `kill PID` stops it like Ctrl-C does
     main()

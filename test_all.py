@@ -1257,8 +1257,10 @@ def test_end_tag_automaton(smol):
         for k in range(len(ids)):
             assert (states[k] == Q) == ("<<message_end>>" in tok.decode(ids[:k + 1])), (text, k)
 
-def test_ctrl_c_stops_cleanly(tiny_dir, tmp_path):
-    """Ctrl-C during training: one line (no traceback), the last checkpoint intact and resumable, the lock freed."""
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_stops_cleanly(tiny_dir, tmp_path, sig):
+    """Ctrl-C (or kill) during training: one line (no traceback), the last checkpoint intact and resumable, the
+    lock freed."""
     import signal
     import subprocess
     import sys
@@ -1272,7 +1274,7 @@ def test_ctrl_c_stops_cleanly(tiny_dir, tmp_path):
         if line.startswith("iter 2:"):
             break
     time.sleep(0.3)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(getattr(signal, sig))
     _, err = p.communicate(timeout=120)
     assert p.returncode != 0 and "Traceback" not in err and "interrupted" in err.strip().splitlines()[-1]
     st = torch.load(d / "ckpt" / "state.pt", weights_only=True)

@@ -338,21 +338,20 @@ def find_checkpoint(path):
 
 @contextmanager
 def deferred_interrupt():
-    """Hold Ctrl-C (SIGINT) until the block ends, then raise it: a save is never left half done."""
-    hit, held = [], False
+    """Hold Ctrl-C (SIGINT) and kill (SIGTERM) until the block ends, then raise KeyboardInterrupt: a save is
+    never left half done. A signal started ignored (SIGINT under `nohup ... &`) stays ignored."""
+    hit, prev = [], {}
     try:
-        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:      # started with Ctrl-C ignored (nohup ... &):
-            prev = signal.signal(signal.SIGINT, lambda *a: hit.append(1))   # keep ignoring it
-            held = True
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                prev[sig] = signal.signal(sig, lambda *a: hit.append(1))
     except ValueError:                     # not the main thread (e.g. under a test runner): nothing to hold
         pass
-    if not held:
-        yield
-        return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, prev)
+        for sig, handler in prev.items():
+            signal.signal(sig, handler)
         if hit:
             raise KeyboardInterrupt
 
@@ -711,7 +710,11 @@ def main(argv):
     if world > 1:
         dist.destroy_process_group()
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)          # `kill PID` stops a background run like Ctrl-C does
     try:
         main(sys.argv[1:])
     except KeyboardInterrupt:
