@@ -406,9 +406,6 @@ def _has_mpl():
     except ImportError:
         return False
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _interrupt)          # `kill PID` stops it like Ctrl-C does
+    signal.signal(signal.SIGTERM, signal.default_int_handler)          # `kill PID` stops it like Ctrl-C does
     main()

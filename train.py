@@ -710,11 +710,8 @@ def main(argv):
     if world > 1:
         dist.destroy_process_group()
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _interrupt)          # `kill PID` stops a background run like Ctrl-C does
+    signal.signal(signal.SIGTERM, signal.default_int_handler)          # `kill PID` stops a background run like Ctrl-C does
     try:
         main(sys.argv[1:])
     except KeyboardInterrupt:
