@@ -297,7 +297,7 @@ class Transformer(nn.Module):
         h = self.hidden(idx, pos, mask[:, None], cache)
         cache.len += lengths
         last = (lengths - 1).clamp(min=0)
-        return self.lm_head(h[torch.arange(B), last]).float()
+        return self.lm_head(h[torch.arange(B, device=h.device), last]).float()
 
 def cache_dtype(model):
     """The dtype to keep keys and values in: autocast's where it is on (attention casts them to it at every

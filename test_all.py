@@ -1206,6 +1206,9 @@ def test_graph_replays_sample_the_same(tiny_dir, monkeypatch):
             self.step()
     def fake_capture(step):
         step()
+        with HostWork() as host:                      # what a real capture refuses: tensors made on the host, reads
+            step()
+        assert not host.calls, f"a captured step must not touch the host: {host.calls}"
         R.GRAPH_STATS["captures"] += 1
         return Replay(step)
     monkeypatch.setattr(R, "can_capture", lambda dev: True)
@@ -1215,6 +1218,22 @@ def test_graph_replays_sample_the_same(tiny_dir, monkeypatch):
     for env in ("tas", "split"):
         grew = plain_then_fixed_shape(pol, env, seed=7, n_rounds=4)
         assert 0 < grew["captures"] < grew["turns"] and grew["replays"] > 0
+
+class HostWork(torch.overrides.TorchFunctionMode):
+    """Records the calls that, on a GPU, would copy between host and device inside a captured step: a factory
+    without device= (a host tensor: indexing or combining a device tensor with it copies it over) and a read."""
+    FACTORIES = {torch.arange, torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.full, torch.empty,
+                 torch.rand, torch.randn, torch.randint, torch.linspace}
+    READS = {"item", "tolist", "cpu", "__bool__", "numpy"}
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if func in self.FACTORIES and kwargs.get("device") is None or name in self.READS:
+            self.calls.append(name)
+        return func(*args, **kwargs)
 
 @pytest.mark.parametrize("env", ["ipd", "split", "tas"])
 def test_tables_accept_exactly_the_trie(smol, env):
