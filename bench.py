@@ -196,14 +196,15 @@ def main():
     ap.add_argument("--max_msg_tokens", type=int, default=32)
     ap.add_argument("--baseline", default="true", choices=["true", "false"], help="also time transformers")
     ap.add_argument("--repeats", type=int, default=2, help="timed repeats of our rollout and update (median)")
-    ap.add_argument("--cuda_graph", default="false", choices=["true", "false"],
-                    help="replay long decode turns as CUDA graphs (on a CPU: the same fixed-shape steps, eagerly)")
+    ap.add_argument("--cuda_graph", default="auto", choices=["auto", "true", "false"],
+                    help="replay long decode turns as CUDA graphs; auto: on CUDA, as train.py does (true on a CPU: "
+                    "the same fixed-shape steps, eagerly)")
     args = ap.parse_args()
     dev_name, dt = train.pick_device_dtype(args.device, "auto")
     dev = torch.device(dev_name)
     now = clock(dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dt == "bfloat16")
-    graph = args.cuda_graph == "true"
+    graph = args.cuda_graph == "true" or args.cuda_graph == "auto" and dev.type == "cuda"
     if args.repeats < 1:
         raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
     cfg = train.resolve({k: getattr(train, k) for k in train.CONFIG_KEYS} |
