@@ -227,9 +227,8 @@ def main():
     # --- ours, after an untimed iteration (kernels loaded, tables built: a training run's steady state). On CUDA
     # it is the whole workload: the first call at each shape picks kernels and grows the allocator's pool (on an
     # H200 the first 128-game IPD rollout took 1.98 s, the next 0.87 s); on a CPU a small one is enough.
-    Gw = G if dev.type == "cuda" else cfg["group_size"]
-    ro, _, _ = timed_rollout(model, args.env, pol, Gw, cfg if dev.type == "cuda" else cfg | {"max_msg_tokens": 8}, 99,
-                             autocast, now, graph)
+    Gw, cfg_w = (G, cfg) if dev.type == "cuda" else (cfg["group_size"], cfg | {"max_msg_tokens": 8})
+    ro, _, _ = timed_rollout(model, args.env, pol, Gw, cfg_w, 99, autocast, now, graph)
     model.train()
     train.update(model, None, torch.optim.Adam(model.parameters(), lr=0.0), ro,
                  train.compute_credits(ro.rewards, trained[:2 * Gw], cfg)[0],
@@ -298,10 +297,11 @@ def main():
         hf_roll_s = hf_rollout_baseline(hf, ro, pol.chat.eot, dev, autocast, now)
         hf.train()
         hf_opt = torch.optim.Adam(hf.parameters(), lr=1e-5)
+        hf_upd = lambda: hf_update_baseline(hf, hf_opt, ro, credit, trained, train.micro_batch_tokens(cfg, model), dev,
+                                            autocast, now)
         if dev.type == "cuda":                                         # untimed, as ours was (see above)
-            hf_update_baseline(hf, hf_opt, ro, credit, trained, train.micro_batch_tokens(cfg, model), dev, autocast, now)
-        hf_upd_s = statistics.median([hf_update_baseline(hf, hf_opt, ro, credit, trained, train.micro_batch_tokens(cfg, model), dev,
-                                                         autocast, now) for _ in range(args.repeats)])
+            hf_upd()
+        hf_upd_s = statistics.median([hf_upd() for _ in range(args.repeats)])
         res.update(hf_generate_s=hf_roll_s, hf_train_s=hf_upd_s, rollout_ratio=hf_roll_s / roll_s,
                    train_ratio=hf_upd_s / upd_s, hf_rollout_mfu=roll_flops / hf_roll_s / peak,
                    hf_train_mfu=train_flops / hf_upd_s / peak)

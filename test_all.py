@@ -1205,8 +1205,7 @@ def test_graph_replays_sample_the_same(tiny_dir, monkeypatch):
         def replay(self):
             self.step()
     def fake_capture(step):
-        step()
-        with HostWork() as host:                      # what a real capture refuses: tensors made on the host, reads
+        with HostWork() as host:                      # the warm-up run, watched for what a real capture refuses
             step()
         assert not host.calls, f"a captured step must not touch the host: {host.calls}"
         R.GRAPH_STATS["captures"] += 1

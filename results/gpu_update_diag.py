@@ -21,9 +21,10 @@ credit, _ = train.compute_credits(ro.rewards, trained, cfg)
 opt = torch.optim.Adam(model.parameters(), lr=0.0)
 model.train()
 c = cfg | {"skip_no_signal": False}
-mb = train.micro_batches(trained.nonzero().flatten().tolist(), ro.length, train.micro_batch_tokens(cfg, model))
-print("micro_tokens", train.micro_batch_tokens(cfg, model), "n_mb", len(mb), "L", int(ro.length.max()),
-      "P", train.shared_prefix(ro.ids[mb[0], :int(ro.length.max())], (ro.decision & trained[:, None])[mb[0], :int(ro.length.max())]), flush=True)
+mt, L = train.micro_batch_tokens(cfg, model), int(ro.length.max())
+mb = train.micro_batches(trained.nonzero().flatten().tolist(), ro.length, mt)
+P = train.shared_prefix(ro.ids[mb[0], :L], (ro.decision & trained[:, None])[mb[0], :L])
+print("micro_tokens", mt, "n_mb", len(mb), "L", L, "P", P, flush=True)
 def timed(label, n=4):
     ts = []
     for _ in range(n):
@@ -43,9 +44,6 @@ for label, fn in (("shared prefix", orig), ("no shared prefix", lambda ids, mask
     with profile(activities=acts) as prof:
         train.update(model, None, opt, ro, credit, trained, c, ac)
         sync()
-    for key in (("cuda_time_total", "device_time_total") if dev.type == "cuda" else ("cpu_time_total",)):
-        try:
-            print(f"--- profile, {label}, by {key}\n" + prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60), flush=True)
-            break
-        except Exception as e:
-            print("sort", key, "failed:", e)
+    key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+    print(f"--- profile, {label}, by {key}\n" + prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=60),
+          flush=True)
