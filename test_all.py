@@ -636,7 +636,7 @@ def test_resume_continues_the_same_stream(tiny_dir, tmp_path):
 def test_train_cli_errors(capsys):
     """Unknown keys, bad types and bad values are one clear error line, not a stack trace."""
     for argv, msg in [(["--nope", "1"], "unknown config key"), (["--lr", "abc"], "wants a float"),
-                      (["--env", "chess"], "--env must be"), (["--n_games", "5", "--env", "split"], "multiple"),
+                      (["--env", "chess"], "--env must be"), (["--n_games", "12", "--env", "split"], "multiple"),
                       (["--resume", "--out_dir", "/nonexistent_dir"], "no checkpoint"),
                       (["--env", "tas", "--max_msg_tokens", "0"], "--max_msg_tokens must be at least 1"),
                       (["--n_games", "-3"], "--n_games must be 0"), (["--gamma", "-0.5"], "--gamma must be -1"),
@@ -644,6 +644,21 @@ def test_train_cli_errors(capsys):
         with pytest.raises(SystemExit) as e:
             TR.main(argv)
         assert msg in str(e.value)
+
+def test_games_and_groups_defaults():
+    """Split/TAS: 4 games on a CPU, one group of 4 (fewer games than the env's group of 8 make one group);
+    more games make groups of 8, as --preset paper's 64 do; IPD games are groups of 1."""
+    def resolved(*argv):
+        cfg = {k: getattr(TR, k) for k in TR.CONFIG_KEYS}
+        given = [a[2:] for a in argv if a.startswith("--")]
+        cfg = TR.resolve(TR.parse_args(list(argv), cfg), given)
+        return cfg["n_games"], cfg["group_size"]
+    assert resolved("--env", "split") == (4, 4) and resolved("--env", "tas_silent") == (4, 4)
+    assert resolved("--env", "split", "--n_games", "8") == (8, 8)
+    assert resolved("--env", "tas", "--n_games", "24") == (24, 8)
+    assert resolved("--env", "tas", "--preset", "paper") == (64, 8)
+    assert resolved("--env", "split", "--n_games", "4", "--group_size", "2") == (4, 2)
+    assert resolved("--env", "ipd") == (16, 1)
 
 # -----------------------------------------------------------------------------
 # eval.py

@@ -48,9 +48,9 @@ max_iters = 30            # training iterations
 ckpt_interval = 10        # checkpoint every this many iterations (and at the end)
 seed = 0
 # games
-n_games = 0               # games per iteration (2 trajectories each); 0 = the env's CPU default (ipd 16, split/tas 8)
+n_games = 0               # games per iteration (2 trajectories each); 0 = the env's CPU default (ipd 16, split/tas 4)
 n_rounds = 10             # rounds per game (never told to the players)
-group_size = 0            # games sharing an environment seed; 0 = the env's default (ipd 1, split/tas 8)
+group_size = 0            # games sharing an environment seed; 0 = the env's default (ipd 1, split/tas 8), or all when fewer
 max_msg_tokens = 16       # sampled tokens of a TAS message after its (fed) start tag, end tag included; the paper: 128
 temperature = 1.0         # sampling temperature during training
 constrained = True        # constrained decoding of actions (SPEC 3.7)
@@ -84,9 +84,9 @@ CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isin
 ENV_DEFAULTS = {  # SPEC 3: beta, gamma, reward scale, group size, KL; n_games: ours for a CPU (the paper: 128 / 64)
     "ipd": dict(beta=0.5, gamma=0.9, reward_scale=1 / 5, group_size=1, kl_coef=0.0, n_games=16,
                 buffer_fixed="defector", buffer_fixed_prob=0.125),
-    "split": dict(beta=1.0, gamma=0.9, reward_scale=1 / 100, group_size=8, kl_coef=0.001, n_games=8,
+    "split": dict(beta=1.0, gamma=0.9, reward_scale=1 / 100, group_size=8, kl_coef=0.001, n_games=4,
                   buffer_fixed="", buffer_fixed_prob=0.0),
-    "tas": dict(beta=2.0, gamma=0.96, reward_scale=1 / 100, group_size=8, kl_coef=0.001, n_games=8,
+    "tas": dict(beta=2.0, gamma=0.96, reward_scale=1 / 100, group_size=8, kl_coef=0.001, n_games=4,
                 buffer_fixed="", buffer_fixed_prob=0.0),
 }
 ENV_DEFAULTS["tas_silent"] = ENV_DEFAULTS["tas"]
@@ -155,11 +155,11 @@ def resolve(cfg, given=()):
             sys.exit(f"error: --{k} must be -1 (the env's default) or >= 0, got {cfg[k]}")
     if cfg["buffer_fixed"] == "auto":
         cfg["buffer_fixed"] = d["buffer_fixed"]
-    for k in ("group_size", "n_games"):
+    for k in ("n_games", "group_size"):
         if cfg[k] < 0:
             sys.exit(f"error: --{k} must be 0 (the env's default) or positive, got {cfg[k]}")
-        if cfg[k] == 0:
-            cfg[k] = d[k]
+    cfg["n_games"] = cfg["n_games"] or d["n_games"]
+    cfg["group_size"] = cfg["group_size"] or min(d["group_size"], cfg["n_games"])  # fewer games: one group of all
     if cfg["micro_tokens"] < 0:
         sys.exit(f"error: --micro_tokens must be 0 (per device) or positive, got {cfg['micro_tokens']}")
     for k in ("n_games", "n_rounds", "max_iters", "ckpt_interval", "buffer_interval", "buffer_size", "max_msg_tokens"):
