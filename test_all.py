@@ -482,10 +482,10 @@ def test_split_vs_greedy_replays_the_runs_draws():
     log = [json.loads(line) for line in open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                           "split_naive_bf16_seed0_log.jsonl"))]
     for it in (40, 41, 59):                            # naive seed 0 plays greedy by then (claims 10 / 10 / 10)
-        g = svg.welfare("greedy", 0, it)
+        g = svg.welfare("greedy", 0, it, 8, 8)          # that run played 8 games in one group of 8
         assert abs(log[it]["welfare"] - g) < 1e-3, (it, log[it]["welfare"], g)
-        assert abs(svg.welfare("welfare_max", 0, it) - g - 90) < 1e-3
-    assert len({round(svg.welfare("greedy", 0, it), 3) for it in range(8)}) > 2     # the draws do differ
+        assert abs(svg.welfare("welfare_max", 0, it, 8, 8) - g - 90) < 1e-3
+    assert len({round(svg.welfare("greedy", 0, it, 8, 8), 3) for it in range(8)}) > 2     # the draws do differ
 
 
 def test_credit_check_marginal_welfare_by_hand():

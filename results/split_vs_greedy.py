@@ -1,7 +1,8 @@
 """How far above the greedy strategy is a Split run's welfare, on the same value draws? (results/README.md: Split)
 
-    python results/split_vs_greedy.py results/split_*_bf16_seed0_log.jsonl          # a few seconds
-    python results/split_vs_greedy.py --seed 1 results/split_*_bf16_seed1_log.jsonl
+    python results/split_vs_greedy.py out/log.jsonl                                 # a run of train.py's defaults
+    python results/split_vs_greedy.py --n_games 8 results/split_*_bf16_seed0_log.jsonl   # runs of 8 games (a few seconds)
+    python results/split_vs_greedy.py --n_games 8 --seed 1 results/split_*_bf16_seed1_log.jsonl
     python results/split_vs_greedy.py --seed 0,1 --plot gap.png A_seed0_log.jsonl A_seed1_log.jsonl   # a seed per log
 
 A Split iteration's welfare moves with its value draws (all games of a group share them): greedy against
@@ -20,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from rollout import FixedPolicy, rollout    # noqa: E402
 
-def welfare(strategy, seed, it, n_games=8, group_size=8):
+def welfare(strategy, seed, it, n_games, group_size):
     """Welfare per round of `strategy` in self-play on the games of iteration `it` of a train.py run."""
     ro = rollout("split", [FixedPolicy("split", strategy)], torch.zeros(n_games, 2, dtype=torch.long), n_games,
                  seed=seed * 1_000_003 + it, group_size=group_size)
@@ -30,8 +31,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("logs", nargs="+", help="log.jsonl files of Split runs with the same seed and games")
     p.add_argument("--seed", default="0", help="train.py's --seed: one for all logs, or one per log (0,1,2)")
-    p.add_argument("--n_games", type=int, default=8)
-    p.add_argument("--group_size", type=int, default=8)
+    p.add_argument("--n_games", type=int, default=4, help="the run's (train.py's default: 4; 8 before 2026-11-28)")
+    p.add_argument("--group_size", type=int, default=0, help="the run's; 0: train.py's default, min(8, n_games)")
     p.add_argument("--block", type=int, default=10, help="iterations per block")
     p.add_argument("--plot", metavar="PNG", help="also draw each log's welfare minus greedy's per iteration")
     a = p.parse_args()
@@ -49,8 +50,9 @@ def main():
         except ImportError:
             sys.exit("error: --plot needs matplotlib (pip install matplotlib)")
         fig, ax = plt.subplots(figsize=(8, 4.5))
-    if a.n_games < 1 or a.group_size < 1 or a.block < 1:
-        sys.exit("error: --n_games, --group_size and --block must be positive")
+    a.group_size = a.group_size or min(8, a.n_games)
+    if a.n_games < 1 or a.group_size < 1 or a.block < 1 or a.n_games % a.group_size:
+        sys.exit("error: --n_games, --group_size and --block must be positive, n_games a multiple of group_size")
     cache = {}
     for f, seed in zip(a.logs, a.seed * len(a.logs) if len(a.seed) == 1 else a.seed):
         try:
