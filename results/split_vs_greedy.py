@@ -19,6 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import train                               # noqa: E402
 from rollout import FixedPolicy, rollout    # noqa: E402
 
 def welfare(strategy, seed, it, n_games, group_size):
@@ -31,8 +32,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("logs", nargs="+", help="log.jsonl files of Split runs with the same seed and games")
     p.add_argument("--seed", default="0", help="train.py's --seed: one for all logs, or one per log (0,1,2)")
-    p.add_argument("--n_games", type=int, default=4, help="the run's (train.py's default: 4; 8 before 2026-11-28)")
-    p.add_argument("--group_size", type=int, default=0, help="the run's; 0: train.py's default, min(8, n_games)")
+    p.add_argument("--n_games", type=int, default=0, help="the run's; 0: train.py's default (8 before 2026-11-28)")
+    p.add_argument("--group_size", type=int, default=0, help="the run's; 0: train.py's default")
     p.add_argument("--block", type=int, default=10, help="iterations per block")
     p.add_argument("--plot", metavar="PNG", help="also draw each log's welfare minus greedy's per iteration")
     a = p.parse_args()
@@ -50,9 +51,11 @@ def main():
         except ImportError:
             sys.exit("error: --plot needs matplotlib (pip install matplotlib)")
         fig, ax = plt.subplots(figsize=(8, 4.5))
-    a.group_size = a.group_size or min(8, a.n_games)
-    if a.n_games < 1 or a.group_size < 1 or a.block < 1 or a.n_games % a.group_size:
-        sys.exit("error: --n_games, --group_size and --block must be positive, n_games a multiple of group_size")
+    if a.block < 1:
+        sys.exit("error: --block must be positive")
+    run = train.resolve({k: getattr(train, k) for k in train.CONFIG_KEYS}       # train.py's games and groups
+                        | {"env": "split", "n_games": a.n_games, "group_size": a.group_size})
+    a.n_games, a.group_size = run["n_games"], run["group_size"]
     cache = {}
     for f, seed in zip(a.logs, a.seed * len(a.logs) if len(a.seed) == 1 else a.seed):
         try:
