@@ -1,5 +1,6 @@
 """
-envs.py: the three social dilemmas as text games, their strict parsers and fixed opponents. No torch.
+envs.py: the three social dilemmas as text games, their strict parsers, fixed opponents and the readout of
+what a player claimed (Split, TAS). No torch.
 
     python envs.py --env ipd --opponent tit_for_tat     # play a game yourself, see the prompts
 
@@ -324,6 +325,28 @@ def tas_strategy(honest):
 WELFARE_REFERENCE = {"ipd": {"cooperator": 6.0, "defector": 2.0}, "split": {"welfare_max": 255.0, "greedy": 165.0},
                      "tas": {"honest": 100.0, "greedy": 55.0}}
 WELFARE_REFERENCE["tas_silent"] = WELFARE_REFERENCE["tas"]
+
+# the Split / TAS readout: what each player claimed, by situation (train.py's log lines, eval.py's face-offs)
+CLAIMS = {  # per env: the readout's keys (in round_claims' order) and what each means, for reports
+    "split": {"claim_more": "kept of an item worth more to it", "claim_equal": "... worth the same",
+              "claim_less": "... worth less to it"},
+    "tas": {"claim_upper": "coins claimed, upper hand", "claim_lower": "... lower hand",
+            "tells_hand": "messages naming its own hand"}}
+CLAIMS["tas_silent"] = {k: v for k, v in CLAIMS["tas"].items() if k != "tells_hand"}
+
+def round_claims(env, info, p):
+    """What player p claimed in one round (a Game.info entry) -> [(k, value)], k indexing CLAIMS[env]. Split: the
+    units kept of each item, by whether it is worth more / as much / less to p than to the other. TAS: the coins
+    claimed, by upper / lower hand, and (with messages) 1.0 if p's message named its own hand and no other."""
+    if env == "split":
+        return [(0 if mine > theirs else 2 if mine < theirs else 1, float(kept))
+                for mine, theirs, kept in zip(info["values"][p], info["values"][1 - p], info["claims"][p])]
+    hand = info["hands"][p]
+    out = [(0 if BEATS[hand] == info["hands"][1 - p] else 1, float(info["claims"][p]))]
+    if env == "tas":
+        named = {h for h in HANDS if h in info["messages"][p].lower()}
+        out.append((2, float(named == {hand})))
+    return out
 
 STRATEGIES = {
     "ipd": IPD_STRATEGIES,

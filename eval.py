@@ -29,7 +29,7 @@ import torch
 
 import envs
 from model import check_device, load_model
-from rollout import (CLAIMS, MEMORY_ONE, ApiPolicy, FixedPolicy, HumanPolicy, LMPolicy, claim_means, claims,
+from rollout import (MEMORY_ONE, ApiPolicy, FixedPolicy, HumanPolicy, LMPolicy, claim_means, claims,
                      cooperation, memory_one, rollout)
 
 CLASSIC = {"TFT": (1, 1, 0, 1, 0), "WSLS": (1, 1, 0, 0, 1), "Grudger": (1, 1, 0, 0, 0), "ALLC": (1, 1, 1, 1, 1),
@@ -114,9 +114,9 @@ def faceoff_table(env, names, fig):
                  "|---|" + "---|" * len(fig["coop_by_round_a"])]
         rows += [f"| {who}: {name} | " + " | ".join(f"{c:.2f}" for c in fig[f"coop_by_round_{who}"]) + " |"
                  for who, name in zip("ab", names)]
-    keys = [k for k in CLAIMS.get(env, ()) if f"{k}_a" in fig or f"{k}_b" in fig]
+    keys = [k for k in envs.CLAIMS.get(env, ()) if f"{k}_a" in fig or f"{k}_b" in fig]
     if keys:                                                  # Split / TAS: claims_readout
-        rows += ["", "| readout | " + " | ".join(CLAIMS[env][k] for k in keys) + " |", "|---|" + "---|" * len(keys)]
+        rows += ["", "| readout | " + " | ".join(envs.CLAIMS[env][k] for k in keys) + " |", "|---|" + "---|" * len(keys)]
         rows += [f"| {who}: {name} | " + " | ".join(f"{fig.get(f'{k}_{who}', float('nan')):.2f}" for k in keys) + " |"
                  for who, name in zip("ab", names)]
     rows.append(f"\ncollective welfare (sum per round): {fig['welfare']:.3f}{pm(fig['se_welfare'])} "
@@ -237,7 +237,7 @@ def smooth(y, k=10):
 def plot_compare(run_dirs, path, env="ipd"):
     """Several runs on one figure -> PNG. Welfare per iteration (faint) and its 10-iteration mean against the
     welfare of fixed strategies in self-play (envs.WELFARE_REFERENCE); IPD adds the cooperation rate and the last
-    memory-one readout; Split/TAS the trained seat's reward, its claims by situation (rollout.CLAIMS: linestyle per
+    memory-one readout; Split/TAS the trained seat's reward, its claims by situation (envs.CLAIMS: linestyle per
     situation) and the rates (invalid moves; TAS: messages that name the own hand), all 10-iteration means."""
     plt = _pyplot()
     ipd = env == "ipd"
@@ -261,10 +261,10 @@ def plot_compare(run_dirs, path, env="ipd"):
                              color=c, label=f"{name} (iter {mem[-1]['iter']})")
             continue
         axes[1].plot(it, smooth([r["reward_trained"] for r in log]), color=c, label=name)
-        claim_keys = [k for k in CLAIMS.get(env, ()) if k.startswith("claim") and k in log[-1]]
+        claim_keys = [k for k in envs.CLAIMS.get(env, ()) if k.startswith("claim") and k in log[-1]]
         for k, ls in zip(claim_keys, styles):
             axes[2].plot(it, smooth([r.get(k, float("nan")) for r in log]), color=c, ls=ls, label=f"{name}: {k}")
-        rates = ["invalid"] + [k for k in CLAIMS.get(env, ()) if not k.startswith("claim") and k in log[-1]]
+        rates = ["invalid"] + [k for k in envs.CLAIMS.get(env, ()) if not k.startswith("claim") and k in log[-1]]
         for k, ls in zip(rates, styles):
             axes[3].plot(it, smooth([r.get(k, float("nan")) for r in log]), color=c, ls=ls, label=f"{name}: {k}")
     axes[0].set_title("welfare per round (line: 10-iteration mean)")

@@ -605,42 +605,21 @@ def cooperation(ro):
     """IPD: (N, T) bool, True where trajectory i cooperated in round t (rows as in the Rollout)."""
     return torch.tensor([[i["moves"][s] == "A" for i in g.info] for g in ro.games for s in (0, 1)])
 
-CLAIMS = {  # per env: the readout's keys (in round_claims' order) and what each means, for reports
-    "split": {"claim_more": "kept of an item worth more to it", "claim_equal": "... worth the same",
-              "claim_less": "... worth less to it"},
-    "tas": {"claim_upper": "coins claimed, upper hand", "claim_lower": "... lower hand",
-            "tells_hand": "messages naming its own hand"}}
-CLAIMS["tas_silent"] = {k: v for k, v in CLAIMS["tas"].items() if k != "tells_hand"}
-
-def round_claims(env, info, p):
-    """What player p claimed in one round (a Game.info entry) -> [(k, value)], k indexing CLAIMS[env]. Split: the
-    units kept of each item, by whether it is worth more / as much / less to p than to the other. TAS: the coins
-    claimed, by upper / lower hand, and (with messages) 1.0 if p's message named its own hand and no other."""
-    if env == "split":
-        return [(0 if mine > theirs else 2 if mine < theirs else 1, float(kept))
-                for mine, theirs, kept in zip(info["values"][p], info["values"][1 - p], info["claims"][p])]
-    hand = info["hands"][p]
-    out = [(0 if envs.BEATS[hand] == info["hands"][1 - p] else 1, float(info["claims"][p]))]
-    if env == "tas":
-        named = {h for h in envs.HANDS if h in info["messages"][p].lower()}
-        out.append((2, float(named == {hand})))
-    return out
-
 def claims(ro, env):
     """Split/TAS: what each trajectory claimed, by situation -> (N, K, 2) sum and count over its rounds, K as in
-    CLAIMS[env] (round_claims). Welfare-max Split keeps 10 / 5 / 0, greedy 10 / 10 / 10; in TAS honest claims
-    10 / 0 and names its hand (1), greedy claims 10 / 10 and does not (0)."""
-    out = torch.zeros(2 * len(ro.games), len(CLAIMS[env]), 2)
+    envs.CLAIMS[env] (envs.round_claims). Welfare-max Split keeps 10 / 5 / 0, greedy 10 / 10 / 10; in TAS honest
+    claims 10 / 0 and names its hand (1), greedy claims 10 / 10 and does not (0)."""
+    out = torch.zeros(2 * len(ro.games), len(envs.CLAIMS[env]), 2)
     for gi, g in enumerate(ro.games):
         for p in (0, 1):
             for info in g.info:
-                for k, v in round_claims(env, info, p):
+                for k, v in envs.round_claims(env, info, p):
                     out[2 * gi + p, k] += torch.tensor([v, 1.0])
     return out
 
 def claim_means(x, env):
     """claims() of the rows to average, summed over rows first: (K, 2) -> {key: mean} (keys never seen left out)."""
-    return {k: (s / n).item() for k, (s, n) in zip(CLAIMS[env], x) if n > 0}
+    return {k: (s / n).item() for k, (s, n) in zip(envs.CLAIMS[env], x) if n > 0}
 
 # -----------------------------------------------------------------------------
 # exact action probabilities (the memory-one readout of SPEC 4)

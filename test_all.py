@@ -611,7 +611,7 @@ def test_train_smoke(tiny_dir, tmp_path, env, algo):
     assert [r["iter"] for r in log] == [0, 1] and all(math.isfinite(r["loss"]) for r in log)
     assert os.path.exists(tmp_path / "o" / "ckpt" / "model.safetensors")
     for r in log if env != "ipd" else ():                       # the trained seats' claims readout is logged
-        seen = {k: r[k] for k in R.CLAIMS[env] if k in r}
+        seen = {k: r[k] for k in E.CLAIMS[env] if k in r}
         assert seen and all(0 <= v <= (1 if k == "tells_hand" else 10) for k, v in seen.items())
         assert env != "split" or {"claim_more", "claim_less"} <= set(seen)    # every round has both kinds of item
 

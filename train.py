@@ -35,7 +35,7 @@ from tqdm import tqdm
 import advantage
 import envs
 from model import check_device, load_dir, load_model, save_pretrained
-from rollout import CLAIMS, FixedPolicy, LMPolicy, claim_means, claims, cooperation, memory_one, rollout
+from rollout import FixedPolicy, LMPolicy, claim_means, claims, cooperation, memory_one, rollout
 
 # -----------------------------------------------------------------------------
 # config: every knob, with its default. Override with --key value or --key=value.
@@ -695,7 +695,7 @@ def main(argv):
         log.write(json.dumps(rec) + "\n")
         log.flush()
         coop = f" coop {m['coop']:.2f}" if "coop" in m else ""
-        coop += "".join(f" {k} {m[k]:.1f}" for k in CLAIMS.get(cfg["env"], ()) if k in m)
+        coop += "".join(f" {k} {m[k]:.1f}" for k in envs.CLAIMS.get(cfg["env"], ()) if k in m)
         print(f"iter {it}: reward/round seat0 {m['reward_seat0']:.2f} seat1 {m['reward_seat1']:.2f} trained "
               f"{m['reward_trained']:.2f} | welfare {m['welfare']:.2f}{coop} | invalid {m['invalid']:.2f} | "
               f"loss {stats['loss']:.4f}{' SKIPPED (' + stats['skipped'] + ')' if stats['skipped'] else ''} | "

@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import envs                                    # noqa: E402
 import train                                   # noqa: E402
 from model import load_model                   # noqa: E402
-from rollout import LMPolicy, rollout, round_claims    # noqa: E402
+from envs import round_claims                          # noqa: E402
+from rollout import LMPolicy, rollout                  # noqa: E402
 
 ALGOS = ("naive", "sum", "adalign")
 COLUMNS = {"split": ("units claimed of the item worth less to the player", "worth more", "all three (mean)"),
