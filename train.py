@@ -94,10 +94,15 @@ PRESETS = {"paper": dict(lr=3e-6, max_iters=1000, model_name="Qwen/Qwen2.5-1.5B-
                          n_games={"ipd": 128, "split": 64, "tas": 64, "tas_silent": 64})}
 
 def config_help():
-    """The config block above, read from this file: name = default  # comment."""
-    src = open(__file__).read().split("# config:")[1].split("# ---")[0]
-    return "\n".join("  --" + line.split("=")[0].strip().ljust(18) + "=" + line.split("=", 1)[1]
-                     for line in src.splitlines() if "=" in line and not line.startswith("#"))
+    """The config block above, read from this file: one `--name  default  comment` line per knob."""
+    src = open(__file__).read().split("# config:")[1].split("# ---")[0].splitlines()[1:]   # [0]: the header's rest
+    out = []
+    for line in src:
+        if "=" in line and not line.startswith("#"):
+            name, rest = line.split("=", 1)
+            value, _, comment = rest.partition("#")                       # no default contains a '#'
+            out.append(f"  --{name.strip():<18} {value.strip():<16} {comment.strip()}".rstrip())
+    return "\n".join(out)
 
 def parse_args(argv, cfg):
     """--key value / --key=value over the config globals, type-checked against the defaults."""
