@@ -187,13 +187,14 @@ def hf_twin(model, dev):
 # -----------------------------------------------------------------------------
 
 def main():
-    ap = argparse.ArgumentParser(description="benchmark one training iteration against transformers, on any device")
+    ap = argparse.ArgumentParser(description="benchmark one training iteration against transformers, on any device",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--model", default="smollm2-135m", help="embedded model, checkpoint dir, or random:SHAPE "
                     "(smollm2-135m, qwen2.5-1.5b, qwen2.5-7b)")
-    ap.add_argument("--env", default="ipd", choices=["ipd", "split", "tas", "tas_silent"])
-    ap.add_argument("--n_games", type=int, default=16)
-    ap.add_argument("--max_msg_tokens", type=int, default=32)
+    ap.add_argument("--env", default="ipd", choices=["ipd", "split", "tas", "tas_silent"], help="the game")
+    ap.add_argument("--n_games", type=int, default=16, help="games in the iteration (2 trajectories each)")
+    ap.add_argument("--max_msg_tokens", type=int, default=32, help="tas: message budget")
     ap.add_argument("--baseline", default="true", choices=["true", "false"], help="also time transformers")
     ap.add_argument("--repeats", type=int, default=2, help="timed repeats of our rollout and update (median)")
     ap.add_argument("--cuda_graph", default="auto", choices=["auto", "true", "false"],

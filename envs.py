@@ -369,10 +369,10 @@ def play_fixed(env, a, b, seed, n_rounds=10):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Play a game against a fixed opponent in the terminal.")
-    ap.add_argument("--env", default="ipd", choices=GAMES)
+    ap.add_argument("--env", default="ipd", choices=GAMES, help="the game (default: ipd)")
     ap.add_argument("--opponent", default=None, help="a fixed strategy; default: the first one of the env")
-    ap.add_argument("--n_rounds", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n_rounds", type=int, default=10, help="rounds, not told to the players (default: 10)")
+    ap.add_argument("--seed", type=int, default=0, help="the values or hands drawn, the opponent's dice (default: 0)")
     args = ap.parse_args()
     opp_name = args.opponent or next(iter(STRATEGIES[args.env]))
     if opp_name not in STRATEGIES[args.env]:

@@ -288,18 +288,23 @@ def plot_compare(run_dirs, path, env="ipd"):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    class Help(argparse.RawDescriptionHelpFormatter):                  # the docstring's examples as written
+        def _get_help_string(self, action):                              # and the defaults that say something
+            d = action.default
+            shown = d is not None and d is not False and d not in ("", argparse.SUPPRESS)
+            return (action.help or "") + (" (default: %(default)s)" if shown else "")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help,
                                  epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--env", default="ipd", choices=envs.GAMES)
+    ap.add_argument("--env", default="ipd", choices=envs.GAMES, help="the game")
     ap.add_argument("--a", help="POLICY in seat a")
     ap.add_argument("--b", help="POLICY in seat b (default: same as a, self-play)")
-    ap.add_argument("--n_games", type=int, default=32)
-    ap.add_argument("--n_rounds", type=int, default=10)
-    ap.add_argument("--group_size", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--n_games", type=int, default=32, help="games per face-off (2 trajectories each)")
+    ap.add_argument("--n_rounds", type=int, default=10, help="rounds per game")
+    ap.add_argument("--group_size", type=int, default=1, help="games sharing an environment seed")
+    ap.add_argument("--seed", type=int, default=0, help="plays the same games for the same seed")
+    ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
     ap.add_argument("--max_msg_tokens", type=int, default=16, help="tas: message budget (train.py's default)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where LM policies run")
     ap.add_argument("--api_timeout", type=float, default=30.0, help="api: seconds per request (capped at 300)")
     ap.add_argument("--api_retries", type=int, default=2, help="api: retries per reply (capped at 5)")
     ap.add_argument("--api_max_reply_chars", type=int, default=2000, help="api: longer replies are cut (kept and re-sent)")
@@ -311,7 +316,7 @@ def main(argv=None):
     ap.add_argument("--exploit_args", default="", help="--exploit: extra train.py args, e.g. '--lr 1e-4 --n_games 8'")
     ap.add_argument("--out_dir", default="out_exploit", help="--exploit: where the learner's run goes")
     ap.add_argument("--transcript", type=int, default=0, metavar="K", help="write K games to --transcript_file")
-    ap.add_argument("--transcript_file", default="transcript.md")
+    ap.add_argument("--transcript_file", default="transcript.md", help="--transcript: the Markdown file")
     ap.add_argument("--plot", metavar="RUN_DIR", nargs="+", help="learning curves of a train.py run as PNG "
                     "(RUN_DIR/curves.png); several runs: one comparison figure (compare.png)")
     ap.add_argument("--plot_file", default="", help="--plot: where the figure goes instead")
