@@ -449,6 +449,22 @@ def resume_config(cfg, given, ckpt, rank, world):
         print(f"resume: dtype {cfg['dtype']}, as the checkpoint's run (--dtype changes it)")
     return cfg, state
 
+def resume_optimizer(opt, state, cfg, ckpt, say):
+    """--resume: Adam's state from the checkpoint (at the config's lr and weight decay) and the agent buffer's
+    snapshots still on disk. -> the snapshot paths."""
+    try:
+        opt.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as e:
+        sys.exit(f"error: {ckpt}/state.pt: the optimizer state does not fit this model ({e})")
+    for group in opt.param_groups:                                      # a resumed run takes the config's lr
+        group["lr"], group["weight_decay"] = cfg["lr"], cfg["weight_decay"]
+    listed = [os.path.join(cfg["out_dir"], "snapshots", os.path.basename(f)) for f in state["snapshots"]]
+    snapshots = [f for f in listed if os.path.exists(f)]
+    if len(snapshots) < len(listed):
+        say(f"resume: {len(listed) - len(snapshots)} of the agent buffer's {len(listed)} snapshots are missing "
+            f"from {cfg['out_dir']}/snapshots: the buffer goes on without them")
+    return snapshots
+
 def load_state(ckpt):
     """ckpt/state.pt -> dict, or exit with one line saying the file is damaged."""
     f = os.path.join(ckpt, "state.pt")
@@ -639,19 +655,7 @@ def main(argv):
     autocast = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16) if dt == "bfloat16" else nullcontext()
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    snapshots = []
-    if state is not None:
-        try:
-            opt.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as e:
-            sys.exit(f"error: {ckpt}/state.pt: the optimizer state does not fit this model ({e})")
-        for group in opt.param_groups:                                 # a resumed run takes the config's lr
-            group["lr"], group["weight_decay"] = cfg["lr"], cfg["weight_decay"]
-        listed = [os.path.join(cfg["out_dir"], "snapshots", os.path.basename(f)) for f in state["snapshots"]]
-        snapshots = [f for f in listed if os.path.exists(f)]
-        if len(snapshots) < len(listed):
-            say(f"resume: {len(listed) - len(snapshots)} of the agent buffer's {len(listed)} snapshots are missing "
-                f"from {cfg['out_dir']}/snapshots: the buffer goes on without them")
+    snapshots = resume_optimizer(opt, state, cfg, ckpt, say) if state else []
     live = LMPolicy(model, tok, "live")
     G = cfg["n_games"]
     local = range(rank * G // world, (rank + 1) * G // world)          # this rank's games
