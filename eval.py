@@ -9,8 +9,7 @@ eval.py: face-offs, the memory-one readout, exploitability, transcripts and plot
     python eval.py --env ipd --exploit out/ckpt --iters 10                 # a naive learner vs the frozen policy
     python eval.py --env tas --a out/ckpt --b honest --transcript 2        # readable games (Markdown)
     python eval.py --plot out                                              # learning curves as PNG
-    python eval.py --plot runs/aa runs/naive --plot_file cmp.png           # several runs on one figure
-    python eval.py --env split --plot runs/aa runs/naive --plot_file cmp.png  # ... against Split's reference welfare
+    python eval.py --plot runs/aa runs/naive --plot_file cmp.png           # several runs of one game on one figure
     python eval.py --env ipd --a out/ckpt --b api:http://127.0.0.1:8000/v1:MODEL   # any OpenAI-style endpoint
     python eval.py --env ipd --a out/ckpt --b human                        # you, at the terminal
 
@@ -197,31 +196,56 @@ def read_log(run_dir):
         sys.exit(f"error: {f} has no iterations yet")
     return log
 
-def plot_run(run_dir, path=None):
-    """Learning curves from run_dir/log.jsonl (and memory-one vectors logged at checkpoints) -> PNG."""
+def log_env(log, env):
+    """The game a train.py log is about, read from its readout keys (IPD: coop; Split: claim_more; TAS and
+    tas_silent: claim_upper, drawn alike); env for a log from before the readouts."""
+    last = log[-1]
+    return "ipd" if "coop" in last else "split" if "claim_more" in last else "tas" if "claim_upper" in last else env
+
+def plot_references(ax, env):
+    """The welfare of each fixed strategy in self-play (envs.WELFARE_REFERENCE) as gray lines."""
+    for name, ref in envs.WELFARE_REFERENCE.get(env, {}).items():
+        ax.axhline(ref, color="gray", lw=0.7, ls=":")
+        ax.annotate(f"{name} x2 ({ref:g})", (0, ref), fontsize=7, color="gray", va="bottom")
+
+def plot_run(run_dir, path=None, env=None):
+    """Learning curves of one run (run_dir/log.jsonl) -> PNG: rewards and welfare per round against the fixed
+    strategies' self-play welfare; the rates (IPD cooperation, invalid moves, TAS messages naming the hand);
+    Split / TAS claims by situation; the IPD memory-one readouts and best responses logged at checkpoints."""
     plt = _pyplot()
     log = read_log(run_dir)
-    keys = [k for k in ("reward_trained", "reward_seat0", "reward_seat1", "welfare", "coop", "invalid",
-                        "reward_opponent") if k in log[0]]
+    env = log_env(log, env)
+    claims = [k for k in envs.CLAIMS.get(env, ()) if k.startswith("claim") and k in log[-1]]
+    rates = [k for k in ("coop", "invalid", "tells_hand") if k in log[-1]]
     mem = [r for r in log if "memory_one" in r]
     br = [r for r in log if "best_response" in r]
-    fig, axes = plt.subplots(1, 2 + bool(mem) + bool(br), figsize=(5 * (2 + bool(mem) + bool(br)), 4))
+    n = 2 + bool(claims) + bool(mem) + bool(br)
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4))
     it = [r["iter"] for r in log]
-    for k in keys:
-        if k in ("coop", "invalid"):
-            axes[1].plot(it, [r[k] for r in log], label=k)
-        else:
-            axes[0].plot(it, [r[k] for r in log], label=k)
+    for k in ("welfare", "reward_trained", "reward_opponent", "reward_seat0", "reward_seat1"):
+        if k in log[-1]:                                     # the seats' lines are thin: they often equal the others
+            axes[0].plot(it, [r[k] for r in log], label=k, **(dict(ls=":", lw=0.9) if "seat" in k else {}))
+    plot_references(axes[0], env)
+    for k in rates:
+        axes[1].plot(it, [r[k] for r in log], label=k)
     axes[0].set_title("reward per round"); axes[1].set_title("rates"); axes[1].set_ylim(-0.05, 1.05)
+    panel = iter(axes[2:])
+    if claims:
+        ax = next(panel)
+        for k in claims:
+            ax.plot(it, [r[k] for r in log], label=k)
+        ax.set_title("trained seat's claims by situation"); ax.set_ylim(-0.3, 10.3)
     if mem:
+        ax = next(panel)
         for k in MEMORY_ONE:
-            axes[2].plot([r["iter"] for r in mem], [r["memory_one"][k] for r in mem], marker="o", label=f"P(C|{k})")
-        axes[2].set_title("memory-one P(cooperate)"); axes[2].set_ylim(-0.05, 1.05)
+            ax.plot([r["iter"] for r in mem], [r["memory_one"][k] for r in mem], marker="o", label=f"P(C|{k})")
+        ax.set_title("memory-one P(cooperate)"); ax.set_ylim(-0.05, 1.05)
     if br:
+        ax = next(panel)
         for k, ls in (("exploiter", "-"), ("policy", "--")):
-            axes[-1].plot([r["iter"] for r in br], [r["best_response"][k] for r in br], ls, marker="o", label=k)
-        axes[-1].axhline(3.2, color="gray", lw=0.5, label="TFT's exploiter (3.2)")
-        axes[-1].set_title("exact best response: reward/round")
+            ax.plot([r["iter"] for r in br], [r["best_response"][k] for r in br], ls, marker="o", label=k)
+        ax.axhline(3.2, color="gray", lw=0.5, label="TFT's exploiter (3.2)")
+        ax.set_title("exact best response: reward/round")
     for ax in axes:
         ax.set_xlabel("iteration"); ax.legend(fontsize=7)
     fig.suptitle(run_dir)
@@ -235,19 +259,23 @@ def smooth(y, k=10):
     return [sum(y[max(0, i - k + 1):i + 1]) / len(y[max(0, i - k + 1):i + 1]) for i in range(len(y))]
 
 def plot_compare(run_dirs, path, env="ipd"):
-    """Several runs on one figure -> PNG. Welfare per iteration (faint) and its 10-iteration mean against the
+    """Several runs of one game (read from the logs; env for logs from before the readouts) on one figure -> PNG.
+    Welfare per iteration (faint) and its 10-iteration mean against the
     welfare of fixed strategies in self-play (envs.WELFARE_REFERENCE); IPD adds the cooperation rate and the last
     memory-one readout; Split/TAS the trained seat's reward, its claims by situation (envs.CLAIMS: linestyle per
     situation) and the rates (invalid moves; TAS: messages that name the own hand), all 10-iteration means."""
     plt = _pyplot()
+    logs = [read_log(d) for d in run_dirs]
+    games = sorted({log_env(log, env) for log in logs})
+    if len(games) > 1:
+        sys.exit(f"error: --plot: these runs are of different games ({', '.join(games)}): plot each game apart")
+    env = games[0]
     ipd = env == "ipd"
     fig, axes = plt.subplots(1, 3 if ipd else 4, figsize=(15 if ipd else 20, 4))
-    for name, ref in envs.WELFARE_REFERENCE[env].items():
-        axes[0].axhline(ref, color="gray", lw=0.7, ls=":")
-        axes[0].annotate(f"{name} x2 ({ref:g})", (0, ref), fontsize=7, color="gray", va="bottom")
+    plot_references(axes[0], env)
     styles = ("-", "--", ":")
-    for i, d in enumerate(run_dirs):
-        log, c = read_log(d), f"C{i}"
+    for i, (d, log) in enumerate(zip(run_dirs, logs)):
+        c = f"C{i}"
         name = os.path.basename(os.path.normpath(d))
         it = [r["iter"] for r in log]
         welfare = [r["welfare"] for r in log]
@@ -340,7 +368,7 @@ def main(argv=None):
     cache = {}
     try:
         if args.plot:
-            path = (plot_run(args.plot[0], args.plot_file or None) if len(args.plot) == 1 else
+            path = (plot_run(args.plot[0], args.plot_file or None, args.env) if len(args.plot) == 1 else
                     plot_compare(args.plot, args.plot_file or "compare.png", args.env))
             print(f"wrote {path}")
             if args.json:
@@ -367,7 +395,8 @@ def main(argv=None):
             print("| iteration | learner reward/round | frozen policy reward/round |\n|---|---|---|")
             for r in log:
                 print(f"| {r['iter']} | {r['reward_trained']:.3f} | {r['reward_opponent']:.3f} |")
-            print(f"log: {args.out_dir}/log.jsonl; plot: {plot_run(args.out_dir) if _has_mpl() else 'matplotlib missing'}")
+            plot = plot_run(args.out_dir, env=args.env) if _has_mpl() else "matplotlib missing"
+            print(f"log: {args.out_dir}/log.jsonl; plot: {plot}")
             if args.json:
                 print(json.dumps({"learner": [r["reward_trained"] for r in log],
                                   "frozen": [r["reward_opponent"] for r in log]}))

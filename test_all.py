@@ -1032,8 +1032,10 @@ def test_faceoff_matrix_cells(capsys):
     M = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["matrix"]
     assert M[0][0] == pytest.approx(50.0) and M[1][1] == pytest.approx(27.5)   # self-play: both seats (SPEC 2.3)
 
-def test_plot_compare_draws_the_claims_readout(tmp_path):
-    """--plot A B for TAS: one line per run and situation in the claims panel (a renamed log key would drop it)."""
+def test_plot_draws_the_claims_readout(tmp_path):
+    """--plot A B for TAS: one line per run and situation in the claims panel (a renamed log key would drop it),
+    the game read from the logs (eval.py's --env defaults to ipd); one run: its claims and rates too; runs of
+    two games on one figure: a one-line error."""
     pytest.importorskip("matplotlib")
     for name, up in (("aa", 9.0), ("naive", 6.0)):
         os.makedirs(tmp_path / name)
@@ -1042,13 +1044,23 @@ def test_plot_compare_draws_the_claims_readout(tmp_path):
                 f.write(json.dumps(dict(iter=it, welfare=50.0, reward_trained=25.0, invalid=0.0, claim_upper=up,
                                         claim_lower=1.0, tells_hand=0.5)) + "\n")
     import matplotlib.pyplot as plt
-    assert EV.plot_compare([str(tmp_path / "aa"), str(tmp_path / "naive")], str(tmp_path / "cmp.png"), "tas")
+    assert EV.plot_compare([str(tmp_path / "aa"), str(tmp_path / "naive")], str(tmp_path / "cmp.png"))
     assert os.path.getsize(tmp_path / "cmp.png") > 0
-    claims_ax, rates_ax = plt.gcf().axes[2], plt.gcf().axes[3]
+    welfare_ax, _, claims_ax, rates_ax = plt.gcf().axes
     assert sorted(round(l.get_ydata()[-1], 1) for l in claims_ax.lines) == [1.0, 1.0, 6.0, 9.0]
     assert len(rates_ax.lines) == 4                                      # invalid and tells_hand, per run
+    assert {t.get_text() for t in welfare_ax.texts} == {"honest x2 (100)", "greedy x2 (55)"}
     EV.main(["--plot", str(tmp_path / "aa"), "--plot_file", str(tmp_path / "one.png")])   # one run, where asked
     assert os.path.getsize(tmp_path / "one.png") > 0 and not os.path.exists(tmp_path / "aa" / "curves.png")
+    reward_ax, rates_ax, claims_ax = plt.gcf().axes
+    assert [l.get_label() for l in claims_ax.lines] == ["claim_upper", "claim_lower"]
+    assert [l.get_label() for l in rates_ax.lines] == ["invalid", "tells_hand"]
+    assert {t.get_text() for t in reward_ax.texts} == {"honest x2 (100)", "greedy x2 (55)"}
+    os.makedirs(tmp_path / "ipd")
+    with open(tmp_path / "ipd" / "log.jsonl", "w") as f:
+        f.write(json.dumps(dict(iter=0, welfare=4.0, reward_trained=2.0, invalid=0.0, coop=0.5)) + "\n")
+    with pytest.raises(SystemExit, match="different games"):
+        EV.plot_compare([str(tmp_path / "aa"), str(tmp_path / "ipd")], str(tmp_path / "mixed.png"))
 
 def test_eval_cli_errors(monkeypatch, tmp_path, capsys):
     """Bad eval.py input is one line: a negative temperature, a transcript or a plot in a missing directory (before
