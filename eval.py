@@ -323,7 +323,7 @@ def main(argv=None):
             return (action.help or "") + (" (default: %(default)s)" if shown else "")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help,
                                  epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--env", default="ipd", choices=envs.GAMES, help="the game")
+    ap.add_argument("--env", default="ipd", choices=envs.GAMES, help="the game (--plot reads it from the logs)")
     ap.add_argument("--a", help="POLICY in seat a")
     ap.add_argument("--b", help="POLICY in seat b (default: same as a, self-play)")
     ap.add_argument("--n_games", type=int, default=32, help="games per face-off (2 trajectories each)")
