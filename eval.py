@@ -425,7 +425,8 @@ def main(argv=None):
             print(faceoff_table(args.env, [args.a, args.b or args.a], fig))
             if args.transcript:
                 transcript(args.env, [args.a, args.b or args.a], ro, a_seat0, args.transcript, args.transcript_file)
-                print(f"wrote {min(args.transcript, args.n_games)} games to {args.transcript_file}")
+                k = min(args.transcript, args.n_games)
+                print(f"wrote {k} game{'s' if k > 1 else ''} to {args.transcript_file}")
             if args.json:
                 print(json.dumps(fig))
     except ValueError as e:
