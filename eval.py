@@ -27,6 +27,7 @@ import sys
 import torch
 
 import envs
+import train
 from model import check_device, load_model
 from rollout import (MEMORY_ONE, ApiPolicy, FixedPolicy, HumanPolicy, LMPolicy, claim_means, claims,
                      cooperation, memory_one, rollout)
@@ -54,6 +55,7 @@ def make_policy(spec, env, device="cpu", cache=None, api=None):
         except (OSError, RuntimeError, ValueError) as e:
             raise ValueError(f"{spec!r} is not one of the {env} strategies ({', '.join(envs.STRATEGIES[env])}), 'human', "
                              f"'api:URL:MODEL', nor a loadable model: {e}") from None
+        train.warn_other_game(spec, env)
         pol = LMPolicy(model, tok, os.path.basename(spec.rstrip("/")) or spec)
     cache[spec] = pol
     return pol
@@ -165,7 +167,6 @@ def nearest_classic(v):
 
 def exploit(env, frozen, iters, out_dir, extra):
     """Train a fresh naive learner from the base model against the frozen POLICY with train.py's loop."""
-    import train
     argv = ["--env", env, "--algo", "naive", "--opponent", frozen, "--max_iters", str(iters),
             "--out_dir", out_dir, "--ckpt_interval", str(max(iters, 1)), "--overwrite", "true"] + extra
     train.main(argv)

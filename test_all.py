@@ -616,6 +616,20 @@ def test_train_smoke(tiny_dir, tmp_path, env, algo):
         assert seen and all(0 <= v <= (1 if k == "tells_hand" else 10) for k, v in seen.items())
         assert env != "split" or {"claim_more", "claim_less"} <= set(seen)    # every round has both kinds of item
 
+def test_policy_from_another_game_is_noted(tiny_dir, tmp_path, capsys):
+    """A checkpoint trained on one game, played in another (eval.py's --env, train.py's --opponent): one note says
+    so; in its own game, or from a directory that is not a train.py checkpoint, nothing is said."""
+    run_train(["--env", "ipd", "--algo", "naive", "--max_iters", "1", "--model_name", tiny_dir, "--n_games", "2",
+               "--n_rounds", "1", "--out_dir", str(tmp_path / "o")])
+    ckpt = str(tmp_path / "o" / "ckpt")
+    capsys.readouterr()
+    EV.make_policy(ckpt, "ipd"), EV.make_policy(tiny_dir, "split")
+    assert "note:" not in capsys.readouterr().err
+    EV.make_policy(ckpt, "split")
+    assert f"note: {ckpt} was trained on ipd; here it plays split" in capsys.readouterr().err
+    TR.setup_opponents({"env": "tas", "opponent": ckpt}, None, "cpu", None)     # train.py --opponent CKPT
+    assert "was trained on ipd; here it plays tas" in capsys.readouterr().err
+
 def test_resume_continues_the_same_stream(tiny_dir, tmp_path):
     """Stopping after 2 iterations and resuming gives the same iteration 2 as an uninterrupted run, also from a
     moved run directory and from a checkpoint that predates a config knob (it gets the current default)."""

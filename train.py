@@ -476,6 +476,20 @@ def load_state(ckpt):
         sys.exit(f"error: {f} is damaged or not a train.py checkpoint ({type(e).__name__}): "
                  "restore it, or start a new run with --overwrite true")
 
+def trained_env(path):
+    """The env the train.py checkpoint at path was trained on, or None (another kind of model directory, or an
+    unreadable state.pt: its weights may still load). Reads only the config: mmap leaves Adam's state on disk."""
+    try:
+        return torch.load(os.path.join(path, "state.pt"), weights_only=True, mmap=True)["config"]["env"]
+    except Exception:
+        return None
+
+def warn_other_game(path, env):
+    """A policy trained on another game still plays this one (a legitimate transfer test): say so."""
+    other = trained_env(path)
+    if other and other != env:
+        print(f"note: {path} was trained on {other}; here it plays {env} (--env)", file=sys.stderr)
+
 def snapshot_path(out_dir, it):
     return os.path.join(out_dir, "snapshots", f"iter{it:05d}.safetensors")
 
@@ -530,6 +544,7 @@ def setup_opponents(cfg, tok, dev, ckpt):
         except (OSError, RuntimeError, ValueError) as e:
             sys.exit(f"error: --opponent is neither one of the {env} strategies ({', '.join(envs.STRATEGIES[env])}) "
                      f"nor a loadable model: {e}")
+        warn_other_game(cfg["opponent"], env)
         return LMPolicy(opp_model.eval(), opp_tok, "frozen"), opp_model, []
     if cfg["algo"] != "adalign":
         return None, None, []
