@@ -262,8 +262,9 @@ def smooth(y, k=10):
 def plot_compare(run_dirs, path, env="ipd"):
     """Several runs of one game (read from the logs; env for logs from before the readouts) on one figure -> PNG.
     Welfare per iteration (faint) and its 10-iteration mean against the welfare of fixed strategies in self-play
-    (envs.WELFARE_REFERENCE); IPD adds the cooperation rate and the last memory-one readout; Split/TAS the trained seat's reward, its claims by situation (envs.CLAIMS: linestyle per
-    situation) and the rates (invalid moves; TAS: messages that name the own hand), all 10-iteration means."""
+    (envs.WELFARE_REFERENCE); IPD adds the cooperation rate and the last memory-one readout; Split/TAS the trained
+    seat's reward, its claims by situation (envs.CLAIMS: linestyle per situation) and the rates (invalid moves;
+    TAS: messages that name the own hand), all 10-iteration means."""
     plt = _pyplot()
     logs = [read_log(d) for d in run_dirs]
     games = sorted({log_env(log, env) for log in logs})
