@@ -199,9 +199,12 @@ def read_log(run_dir):
 
 def log_env(log, env):
     """The game a train.py log is about, read from its readout keys (IPD: coop; Split: claim_more; TAS and
-    tas_silent: claim_upper, drawn alike); env for a log from before the readouts."""
+    tas_silent: claim_upper, drawn alike). A log from before the Split/TAS readouts: env, unless env is the IPD
+    (eval.py's default), which every IPD log would have said; then None (unknown)."""
     last = log[-1]
-    return "ipd" if "coop" in last else "split" if "claim_more" in last else "tas" if "claim_upper" in last else env
+    if "coop" in last or "claim_more" in last or "claim_upper" in last:
+        return "ipd" if "coop" in last else "split" if "claim_more" in last else "tas"
+    return None if env == "ipd" else env
 
 def plot_references(ax, env):
     """The welfare of each fixed strategy in self-play (envs.WELFARE_REFERENCE) as gray lines."""
@@ -267,10 +270,10 @@ def plot_compare(run_dirs, path, env="ipd"):
     TAS: messages that name the own hand), all 10-iteration means."""
     plt = _pyplot()
     logs = [read_log(d) for d in run_dirs]
-    games = sorted({log_env(log, env) for log in logs})
+    games = sorted({log_env(log, env) for log in logs} - {None})
     if len(games) > 1:
         sys.exit(f"error: --plot: these runs are of different games ({', '.join(games)}): plot each game apart")
-    env = games[0]
+    env = games[0] if games else None
     ipd = env == "ipd"
     fig, axes = plt.subplots(1, 3 if ipd else 4, figsize=(15 if ipd else 20, 4))
     plot_references(axes[0], env)

@@ -1075,6 +1075,13 @@ def test_plot_draws_the_claims_readout(tmp_path):
         f.write(json.dumps(dict(iter=0, welfare=4.0, reward_trained=2.0, invalid=0.0, coop=0.5)) + "\n")
     with pytest.raises(SystemExit, match="different games"):
         EV.plot_compare([str(tmp_path / "aa"), str(tmp_path / "ipd")], str(tmp_path / "mixed.png"))
+    os.makedirs(tmp_path / "old")                 # a Split log from before the readouts: not drawn as the IPD
+    with open(tmp_path / "old" / "log.jsonl", "w") as f:
+        f.write(json.dumps(dict(iter=0, welfare=160.0, reward_trained=80.0, invalid=0.0)) + "\n")
+    EV.main(["--plot", str(tmp_path / "old"), "--plot_file", str(tmp_path / "old.png")])
+    assert not plt.gcf().axes[0].texts
+    EV.main(["--env", "split", "--plot", str(tmp_path / "old"), "--plot_file", str(tmp_path / "old.png")])
+    assert {t.get_text() for t in plt.gcf().axes[0].texts} == {"welfare_max x2 (255)", "greedy x2 (165)"}
 
 def test_eval_cli_errors(monkeypatch, tmp_path, capsys):
     """Bad eval.py input is one line: a negative temperature, a transcript or a plot in a missing directory (before

@@ -476,18 +476,15 @@ def load_state(ckpt):
         sys.exit(f"error: {f} is damaged or not a train.py checkpoint ({type(e).__name__}): "
                  "restore it, or start a new run with --overwrite true")
 
-def trained_env(path):
-    """The env the train.py checkpoint at path was trained on, or None (another kind of model directory, or an
-    unreadable state.pt: its weights may still load). Reads only the config: mmap leaves Adam's state on disk."""
-    try:
-        return torch.load(os.path.join(path, "state.pt"), weights_only=True, mmap=True)["config"]["env"]
-    except Exception:
-        return None
-
 def warn_other_game(path, env):
-    """A policy trained on another game still plays this one (a legitimate transfer test): say so."""
-    other = trained_env(path)
-    if other and other != env:
+    """A policy trained on another game still plays this one (a legitimate transfer test): say so. Reads only
+    the config of path/state.pt (mmap leaves Adam's state on disk); another kind of model directory, or an
+    unreadable state.pt whose weights still loaded, says nothing."""
+    try:
+        other = torch.load(os.path.join(path, "state.pt"), weights_only=True, mmap=True)["config"]["env"]
+    except Exception:
+        return
+    if other != env:
         print(f"note: {path} was trained on {other}; here it plays {env} (--env)", file=sys.stderr)
 
 def snapshot_path(out_dir, it):
