@@ -1379,7 +1379,7 @@ def test_torchrun_two_processes_equal_one(tiny_dir, tmp_path):
                          capture_output=True, text=True)
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     logs = [[json.loads(l) for l in open(tmp_path / d / "log.jsonl")] for d in ("one", "two")]
-    assert [r["iter"] for r in logs[1]] == [0, 1]
+    assert [r["iter"] for r in logs[1]] == [0, 1] and logs[0][0]["threads"] == 1       # OMP_NUM_THREADS, logged
     for a, b in zip(*logs):
         for k in ("reward_seat0", "reward_seat1", "reward_trained", "welfare", "coop", "n_tok", "tokens"):
             assert a[k] == b[k], k

@@ -708,7 +708,8 @@ def main(argv):
             continue
         m = metrics(rewards, invalid, play, trained, cfg)
         rec = dict(iter=it, **m, **stats, time=dt_it, rollout_s=t_roll, update_s=t_upd, tokens=n_tokens,
-                   tok_per_s=n_tokens / dt_it)
+                   tok_per_s=n_tokens / dt_it, threads=torch.get_num_threads())  # a CPU's sums, so the sampled
+                                                                                   # text, can depend on the threads
         if save_now and cfg["env"] == "ipd":
             model.eval()
             rec["memory_one"] = memory_one(live)                        # P(C) at opening, CC, CD, DC, DD
