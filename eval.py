@@ -201,9 +201,9 @@ def log_env(log, env):
     """The game a train.py log is about, read from its readout keys (IPD: coop; Split: claim_more; TAS and
     tas_silent: claim_upper, drawn alike). A log from before the Split/TAS readouts: env, unless env is the IPD
     (eval.py's default), which every IPD log would have said; then None (unknown)."""
-    last = log[-1]
-    if "coop" in last or "claim_more" in last or "claim_upper" in last:
-        return "ipd" if "coop" in last else "split" if "claim_more" in last else "tas"
+    for key, game in (("coop", "ipd"), ("claim_more", "split"), ("claim_upper", "tas")):
+        if key in log[-1]:
+            return game
     return None if env == "ipd" else env
 
 def plot_references(ax, env):
