@@ -1358,6 +1358,19 @@ def test_ctrl_c_stops_cleanly(tiny_dir, tmp_path, sig):
     st = torch.load(d / "ckpt" / "state.pt", weights_only=True)
     assert st["iter"] >= 2 and not os.path.exists(d / "lock")
 
+def test_eval_keeps_omp_num_threads(tiny_dir, tmp_path):
+    """eval.py honors OMP_NUM_THREADS as train.py does (it used to set every core): an exploitation run under
+    OMP_NUM_THREADS=1 logs one thread, so it replays what train.py with one thread plays."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "eval.py", "--env", "ipd", "--exploit", tiny_dir, "--iters", "1",
+                        "--out_dir", str(tmp_path / "x"), "--exploit_args",
+                        f"--model_name {tiny_dir} --n_games 2 --n_rounds 2"],
+                       cwd=os.path.dirname(os.path.abspath(__file__)), env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [json.loads(l)["threads"] for l in open(tmp_path / "x" / "log.jsonl")] == [1]
+
 # -----------------------------------------------------------------------------
 # several processes (torchrun, gloo on the CPU)
 
