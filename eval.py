@@ -354,8 +354,7 @@ def main(argv=None):
     ap.add_argument("--plot_file", default="", help="--plot: where the figure goes instead")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     args = ap.parse_args(argv)
-    if "OMP_NUM_THREADS" not in os.environ:                          # as train.py: the thread count can change
-        torch.set_num_threads(max(1, os.cpu_count() or 1))           # a CPU's sums, so the sampled text
+    train.use_cpu_threads()
     if args.n_games < 1 or args.n_rounds < 1 or args.group_size < 1 or args.n_games % args.group_size:
         ap.error("need n_games >= 1, n_rounds >= 1 and n_games a multiple of group_size")
     if args.max_msg_tokens < 1:

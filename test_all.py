@@ -1359,8 +1359,8 @@ def test_ctrl_c_stops_cleanly(tiny_dir, tmp_path, sig):
     assert st["iter"] >= 2 and not os.path.exists(d / "lock")
 
 def test_eval_keeps_omp_num_threads(tiny_dir, tmp_path):
-    """eval.py honors OMP_NUM_THREADS as train.py does (it used to set every core): an exploitation run under
-    OMP_NUM_THREADS=1 logs one thread, so it replays what train.py with one thread plays."""
+    """eval.py honors OMP_NUM_THREADS as train.py does: an exploitation run under OMP_NUM_THREADS=1 logs one
+    thread, so it replays what train.py with one thread plays."""
     import subprocess
     import sys
     r = subprocess.run([sys.executable, "eval.py", "--env", "ipd", "--exploit", tiny_dir, "--iters", "1",

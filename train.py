@@ -183,6 +183,12 @@ def resolve(cfg, given=()):
                  f"({', '.join(envs.STRATEGIES[cfg['env']])})")
     return cfg
 
+def use_cpu_threads():
+    """Every core unless OMP_NUM_THREADS says otherwise (torch's own default may be fewer). The thread count can
+    change a CPU's sums, so the sampled text: runs that should replay each other set the same count."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+
 def pick_device_dtype(dev, dt):
     """CUDA when present. dtype auto: bf16 autocast on CUDA, fp32 on a CPU. Not a speed test: the dtype
     changes what is learned (MEASURED.md), so a CPU run gives the same numbers on any CPU unless
@@ -662,8 +668,7 @@ def main(argv):
         dist.broadcast_object_list(err, src=0)                          # every rank stops if rank 0 cannot go on
     if err[0]:
         sys.exit(err[0])
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    use_cpu_threads()
     autocast = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16) if dt == "bfloat16" else nullcontext()
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
