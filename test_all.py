@@ -1354,9 +1354,34 @@ def test_ctrl_c_stops_cleanly(tiny_dir, tmp_path, sig):
     time.sleep(0.3)
     p.send_signal(getattr(signal, sig))
     _, err = p.communicate(timeout=120)
-    assert p.returncode != 0 and "Traceback" not in err and "interrupted" in err.strip().splitlines()[-1]
+    last = err.strip().splitlines()[-1]
+    assert p.returncode != 0 and "Traceback" not in err and "interrupted" in last and "--resume" in last
     st = torch.load(d / "ckpt" / "state.pt", weights_only=True)
     assert st["iter"] >= 2 and not os.path.exists(d / "lock")
+
+def test_ctrl_c_before_first_checkpoint(tiny_dir, tmp_path):
+    """Stopped before its first checkpoint, a run says there is nothing to resume (not "--resume"), and starting
+    again into its out_dir asks for --overwrite only."""
+    import signal
+    import subprocess
+    import sys
+    d = tmp_path / "o"
+    cmd = [sys.executable, "train.py", "--env", "ipd", "--model_name", tiny_dir, "--n_games", "2", "--n_rounds", "2",
+           "--max_iters", "500", "--ckpt_interval", "500", "--out_dir", str(d)]
+    run = dict(cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.Popen(cmd, **run)
+    for line in p.stdout:
+        if line.startswith("iter 1:"):
+            break
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    last = err.strip().splitlines()[-1]
+    assert p.returncode != 0 and "Traceback" not in err and "nothing to resume" in last and "--resume" not in last
+    assert not os.path.exists(d / "ckpt") and not os.path.exists(d / "lock")
+    again = subprocess.run(cmd, timeout=120, **run)
+    last = again.stderr.strip().splitlines()[-1]
+    assert again.returncode != 0 and "before its first checkpoint" in last and "--resume" not in last
 
 def test_eval_keeps_omp_num_threads(tiny_dir, tmp_path):
     """eval.py honors OMP_NUM_THREADS as train.py does: an exploitation run under OMP_NUM_THREADS=1 logs one

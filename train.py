@@ -406,7 +406,8 @@ def prepare_out_dir(cfg, n_params, start):
         old = [f for f in ("log.jsonl", "ckpt", "snapshots") if os.path.exists(os.path.join(d, f))
                and not (f == "log.jsonl" and os.path.getsize(os.path.join(d, f)) == 0)]   # an empty log: no run
         if old and not cfg["overwrite"]:
-            sys.exit(f"error: out_dir {d} already holds a run ({', '.join(old)}): add --resume to continue it, "
+            resume = "add --resume to continue it, " if "ckpt" in old else "stopped before its first checkpoint: "
+            sys.exit(f"error: out_dir {d} already holds a run ({', '.join(old)}): {resume}"
                      "--overwrite true to replace it, or pick another --out_dir")
         for f in old:
             p = os.path.join(d, f)
@@ -737,9 +738,17 @@ def main(argv):
     if world > 1:
         dist.destroy_process_group()
 
+def stop_line(argv):
+    """The line a stopped run ends with: whether its out_dir holds a checkpoint to --resume from."""
+    d = parse_args(argv, {k: v for k, v in globals().items() if k in CONFIG_KEYS})["out_dir"]
+    if find_checkpoint(os.path.join(d, "ckpt")):
+        return f"interrupted: the last checkpoint, {d}/ckpt, is intact; continue with the same command and --resume"
+    return (f"interrupted before the first checkpoint (one every --ckpt_interval iterations): {d} holds nothing "
+            "to resume; start again with --overwrite true")
+
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, signal.default_int_handler)          # `kill PID` stops a background run like Ctrl-C does
     try:
         main(sys.argv[1:])
     except KeyboardInterrupt:
-        sys.exit("\ninterrupted: the last checkpoint in out_dir/ckpt is intact; continue with --resume")
+        sys.exit("\n" + stop_line(sys.argv[1:]))
