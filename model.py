@@ -425,8 +425,10 @@ def load_model(name=EMBEDDED, device="cpu", dtype=torch.float32):
         path = embedded_dir()
     elif os.path.isdir(name):
         path = name
-    elif os.path.exists(name) or name.startswith(("/", ".", "~")):
-        raise FileNotFoundError(f"{name!r} is not a model directory: give a directory with config.json")
+    elif os.path.exists(name) or name.startswith(("/", ".", "~")) or os.path.isdir(os.path.dirname(name)):
+        what = "is not a model directory" if os.path.exists(name) else "does not exist"   # a local path, not a hub id
+        raise FileNotFoundError(f"{name!r} {what}: give a directory with config.json (a run's checkpoint is "
+                                "out_dir/ckpt, written every --ckpt_interval iterations and at the end)")
     else:
         try:
             from huggingface_hub import snapshot_download

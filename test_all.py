@@ -181,9 +181,14 @@ def test_save_pretrained_round_trip(smol, tmp_path):
     assert (a - b).abs().max() <= 1e-4 * a.abs().max()
     assert torch.equal(a, c) and tok2.eos_token_id == tok.eos_token_id
 
-def test_load_errors_are_one_sentence(tmp_path):
+def test_load_errors_are_one_sentence(tmp_path, monkeypatch):
     """A bad model name, an unsupported architecture, a directory without tokenizer files or weights that do
-    not fit config.json are clear errors (ValueError / FileNotFoundError, caught by the CLIs), not tracebacks."""
+    not fit config.json are clear errors (ValueError / FileNotFoundError, caught by the CLIs), not tracebacks;
+    a missing out/ckpt next to an existing out/ is a local path, not a hub id to fetch."""
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        M.load_model("out/ckpt")
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match="unsupported architecture"):
         M.load_model(str(tmp_path))
