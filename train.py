@@ -406,9 +406,9 @@ def prepare_out_dir(cfg, n_params, start):
         old = [f for f in ("log.jsonl", "ckpt", "snapshots") if os.path.exists(os.path.join(d, f))
                and not (f == "log.jsonl" and os.path.getsize(os.path.join(d, f)) == 0)]   # an empty log: no run
         if old and not cfg["overwrite"]:
-            resume = "add --resume to continue it, " if "ckpt" in old else "stopped before its first checkpoint: "
-            sys.exit(f"error: out_dir {d} already holds a run ({', '.join(old)}): {resume}"
-                     "--overwrite true to replace it, or pick another --out_dir")
+            what = (f"already holds a run ({', '.join(old)}): add --resume to continue it, " if "ckpt" in old else
+                    f"holds a run stopped before its first checkpoint ({', '.join(old)}): ")
+            sys.exit(f"error: out_dir {d} {what}--overwrite true to replace it, or pick another --out_dir")
         for f in old:
             p = os.path.join(d, f)
             shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
