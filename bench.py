@@ -208,7 +208,7 @@ def main():
     graph = args.cuda_graph == "true" or args.cuda_graph == "auto" and dev.type == "cuda"
     if args.repeats < 1:
         raise SystemExit(f"error: --repeats must be at least 1, got {args.repeats}")
-    cfg = train.resolve({k: getattr(train, k) for k in train.CONFIG_KEYS} |
+    cfg = train.resolve(train.defaults() |
                         {"env": args.env, "n_games": args.n_games, "max_msg_tokens": args.max_msg_tokens})
     try:
         model, tok = load_model(args.model, dev, torch.float32)

@@ -680,7 +680,7 @@ def test_games_and_groups_defaults():
     """Split/TAS: 4 games on a CPU, one group of 4 (fewer games than the env's group of 8 make one group);
     more games make groups of 8, as --preset paper's 64 do; IPD games are groups of 1."""
     def resolved(*argv):
-        cfg = {k: getattr(TR, k) for k in TR.CONFIG_KEYS}
+        cfg = TR.defaults()
         given = [a[2:] for a in argv if a.startswith("--")]
         cfg = TR.resolve(TR.parse_args(list(argv), cfg), given)
         return cfg["n_games"], cfg["group_size"]

@@ -81,6 +81,10 @@ preset = ""               # "paper": the released hyperparameters (128/64 games,
 # -----------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
 
+def defaults():
+    """The knobs above with their defaults: a fresh dict, for parse_args to fill in."""
+    return {k: globals()[k] for k in CONFIG_KEYS}
+
 ENV_DEFAULTS = {  # SPEC 3: beta, gamma, reward scale, group size, KL; n_games: ours for a CPU (the paper: 128 / 64)
     "ipd": dict(beta=0.5, gamma=0.9, reward_scale=1 / 5, group_size=1, kl_coef=0.0, n_games=16,
                 buffer_fixed="defector", buffer_fixed_prob=0.125),
@@ -631,7 +635,7 @@ def metrics(r, invalid, play, trained, cfg):
 def main(argv):
     # 0. config: the defaults, the command line, on --resume the checkpoint's config under what was given;
     #    under torchrun, which rank this is
-    cfg = parse_args(argv, {k: v for k, v in globals().items() if k in CONFIG_KEYS})
+    cfg = parse_args(argv, defaults())
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
     rank, world, rank_dev = setup_distributed()
     ckpt = os.path.join(cfg["out_dir"], "ckpt")
@@ -740,7 +744,7 @@ def main(argv):
 
 def stop_line(argv):
     """The line a stopped run ends with: whether its out_dir holds a checkpoint to --resume from."""
-    d = parse_args(argv, {k: v for k, v in globals().items() if k in CONFIG_KEYS})["out_dir"]
+    d = parse_args(argv, defaults())["out_dir"]
     if find_checkpoint(os.path.join(d, "ckpt")):
         return f"interrupted: the last checkpoint, {d}/ckpt, is intact; continue with the same command and --resume"
     return (f"interrupted before the first checkpoint (one every --ckpt_interval iterations): {d} holds nothing "
