@@ -44,6 +44,8 @@ ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCaus
 
 def config_from_hf(hf):
     """Our Config from a Hugging Face config.json dict (transformers 4.x and 5.x spellings)."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"config.json holds a {type(hf).__name__}, not a Hugging Face model config")
     arch = (hf.get("architectures") or ["?"])[0]
     if arch not in ARCHS:
         raise ValueError(f"unsupported architecture {arch!r}: model.py implements {', '.join(ARCHS)}; "
@@ -53,6 +55,10 @@ def config_from_hf(hf):
     rtype = rope.get("rope_type", rope.get("type", "default"))
     if rtype not in ("default", "linear", "llama3"):
         raise ValueError(f"unsupported rope_scaling type {rtype!r}: model.py implements default, linear and llama3")
+    missing = [k for k in ("num_attention_heads", "hidden_size", "num_hidden_layers", "intermediate_size",
+                           "vocab_size") if k not in hf]
+    if missing:
+        raise ValueError(f"config.json lacks {', '.join(missing)}: not a complete Hugging Face model config")
     n_head = hf["num_attention_heads"]
     return Config(vocab_size=hf["vocab_size"], n_embd=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
                   n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
@@ -452,7 +458,10 @@ def load_dir(path, device, dtype):
             hf = json.load(f)
     except ValueError:
         raise ValueError(f"{path}/config.json is not valid JSON: restore it from the checkpoint's source") from None
-    cfg = config_from_hf(hf)
+    try:
+        cfg = config_from_hf(hf)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} has no .safetensors weights (.bin checkpoints are not supported)")
@@ -481,7 +490,11 @@ def load_dir(path, device, dtype):
     model.inv_freq = rope_inv_freq(cfg)
     model.hf_config = hf
     has_tok = any(f.startswith("tokenizer") for f in os.listdir(path))
-    tok = AutoTokenizer.from_pretrained(path) if has_tok else None  # tiny test checkpoints have none
+    try:
+        tok = AutoTokenizer.from_pretrained(path) if has_tok else None  # tiny test checkpoints have none
+    except Exception as e:                  # a missing tokenizer.json: transformers explains over several lines
+        raise ValueError(f"{path}: its tokenizer does not load ({type(e).__name__}: {str(e).splitlines()[0][:80]}): "
+                         "restore tokenizer.json from the checkpoint's source") from None
     return model.to(device).eval(), tok
 
 def save_pretrained(model, tokenizer, path):

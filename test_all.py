@@ -182,9 +182,10 @@ def test_save_pretrained_round_trip(smol, tmp_path):
     assert torch.equal(a, c) and tok2.eos_token_id == tok.eos_token_id
 
 def test_load_errors_are_one_sentence(tmp_path, monkeypatch):
-    """A bad model name, an unsupported architecture, a directory without tokenizer files or weights that do
-    not fit config.json are clear errors (ValueError / FileNotFoundError, caught by the CLIs), not tracebacks;
-    a missing out/ckpt next to an existing out/ is a local path, not a hub id to fetch."""
+    """A bad model name, an unsupported architecture, a directory without tokenizer files (or with a tokenizer
+    that does not load), a config.json that lacks a size, or weights that do not fit config.json are clear
+    errors (ValueError / FileNotFoundError, caught by the CLIs), not tracebacks; a missing out/ckpt next to an
+    existing out/ is a local path, not a hub id to fetch."""
     (tmp_path / "out").mkdir()
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -205,6 +206,15 @@ def test_load_errors_are_one_sentence(tmp_path, monkeypatch):
     (tmp_path / "notok" / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 2 * cfg["intermediate_size"]}))
     with pytest.raises(ValueError, match="by config.json"):
         M.load_dir(str(tmp_path / "notok"), "cpu", torch.float32)
+    (tmp_path / "notok" / "tokenizer_config.json").write_text("{}")      # a tokenizer config, no tokenizer.json
+    (tmp_path / "notok" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="tokenizer does not load"):
+        M.load_model(str(tmp_path / "notok"))
+    for bad, says in (({k: v for k, v in cfg.items() if k != "hidden_size"}, "lacks hidden_size"),
+                      ([cfg], "holds a list")):                           # valid JSON, not a model config
+        (tmp_path / "notok" / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=says):
+            M.load_dir(str(tmp_path / "notok"), "cpu", torch.float32)
 
 def test_model_chat_cli(tiny_dir, tmp_path):
     """python model.py chats with the model given by --model; a bad one is one line on stderr, exit 1."""
