@@ -361,6 +361,8 @@ def main(argv=None):
         ap.error(f"--max_msg_tokens must be at least 1 (the end tag), got {args.max_msg_tokens}")
     if args.temperature < 0:
         ap.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.exploit and args.iters < 1:
+        ap.error(f"--iters must be at least 1 (the learner's training iterations), got {args.iters}")
     for flag, f in (("--transcript_file", args.transcript and args.transcript_file), ("--plot_file", args.plot_file)):
         if f and not os.path.isdir(os.path.dirname(os.path.abspath(f))):
             ap.error(f"{flag} {f}: its directory does not exist")
