@@ -7,6 +7,7 @@ eval.py: face-offs, the memory-one readout, exploitability, transcripts and plot
     python eval.py --env ipd --a out/ckpt --memory_one                     # P(C) at opening, after CC/CD/DC/DD
     python eval.py --env ipd --a out/ckpt --best_response                  # exact exploiter of that readout
     python eval.py --env ipd --exploit out/ckpt --iters 10                 # a naive learner vs the frozen policy
+    python eval.py --env ipd --exploit out/ckpt --iters 20 --resume        # ... continued from its checkpoint
     python eval.py --env tas --a out/ckpt --b honest --transcript 2        # readable games (Markdown)
     python eval.py --plot out                                              # learning curves as PNG
     python eval.py --plot runs/aa runs/naive --plot_file cmp.png           # several runs of one game on one figure
@@ -165,10 +166,11 @@ def nearest_classic(v):
 # -----------------------------------------------------------------------------
 # exploitability and plots
 
-def exploit(env, frozen, iters, out_dir, extra):
-    """Train a fresh naive learner from the base model against the frozen POLICY with train.py's loop."""
+def exploit(env, frozen, iters, out_dir, extra, resume=False):
+    """Train a fresh naive learner from the base model against the frozen POLICY with train.py's loop (a
+    checkpoint every 10 iterations and at the end); resume: continue the run in out_dir up to iters instead."""
     argv = ["--env", env, "--algo", "naive", "--opponent", frozen, "--max_iters", str(iters),
-            "--out_dir", out_dir, "--ckpt_interval", str(max(iters, 1)), "--overwrite", "true"] + extra
+            "--out_dir", out_dir] + (["--resume", "true"] if resume else ["--overwrite", "true"]) + extra
     train.main(argv)
     return read_log(out_dir)
 
@@ -347,6 +349,7 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=10, help="--exploit: training iterations")
     ap.add_argument("--exploit_args", default="", help="--exploit: extra train.py args, e.g. '--lr 1e-4 --n_games 8'")
     ap.add_argument("--out_dir", default="out_exploit", help="--exploit: where the learner's run goes")
+    ap.add_argument("--resume", action="store_true", help="--exploit: continue the run in --out_dir up to --iters")
     ap.add_argument("--transcript", type=int, default=0, metavar="K", help="write K games to --transcript_file")
     ap.add_argument("--transcript_file", default="transcript.md", help="--transcript: the Markdown file")
     ap.add_argument("--plot", metavar="RUN_DIR", nargs="+", help="learning curves of a train.py run as PNG "
@@ -361,6 +364,8 @@ def main(argv=None):
         ap.error(f"--max_msg_tokens must be at least 1 (the end tag), got {args.max_msg_tokens}")
     if args.temperature < 0:
         ap.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.resume and not args.exploit:
+        ap.error("--resume continues an --exploit run: give --exploit POLICY too")
     if args.exploit and args.iters < 1:
         ap.error(f"--iters must be at least 1 (the learner's training iterations), got {args.iters}")
     for flag, f in (("--transcript_file", args.transcript and args.transcript_file), ("--plot_file", args.plot_file)):
@@ -397,7 +402,7 @@ def main(argv=None):
                 print(json.dumps(out))
         elif args.exploit:
             extra = args.exploit_args.split() + ["--n_rounds", str(args.n_rounds), "--device", args.device]
-            log = exploit(args.env, args.exploit, args.iters, args.out_dir, extra)
+            log = exploit(args.env, args.exploit, args.iters, args.out_dir, extra, args.resume)
             print("| iteration | learner reward/round | frozen policy reward/round |\n|---|---|---|")
             for r in log:
                 print(f"| {r['iter']} | {r['reward_trained']:.3f} | {r['reward_opponent']:.3f} |")

@@ -1100,7 +1100,7 @@ def test_plot_draws_the_claims_readout(tmp_path):
 
 def test_eval_cli_errors(monkeypatch, tmp_path, capsys):
     """Bad eval.py input is one line: a negative temperature, a transcript or a plot in a missing directory (before
-    any game is played or log read), --exploit with no iterations, a device this torch lacks, and a human whose
+    any game is played or log read), --exploit with no iterations, --resume without --exploit, a device this torch lacks, and a human whose
     input ends."""
     import io
     for argv, msg in [(["--a", "cooperator", "--temperature", "-1"], "--temperature"),
@@ -1108,7 +1108,8 @@ def test_eval_cli_errors(monkeypatch, tmp_path, capsys):
                       (["--a", "cooperator", "--transcript", "1", "--transcript_file", str(tmp_path / "no" / "t.md")],
                        "does not exist"),
                       (["--plot", str(tmp_path), "--plot_file", str(tmp_path / "no" / "p.png")], "--plot_file"),
-                      (["--exploit", "cooperator", "--iters", "0"], "--iters")]:
+                      (["--exploit", "cooperator", "--iters", "0"], "--iters"),
+                      (["--a", "cooperator", "--resume"], "--resume continues an --exploit run")]:
         with pytest.raises(SystemExit):
             EV.main(argv)
         assert msg in capsys.readouterr().err
@@ -1412,6 +1413,30 @@ def test_eval_keeps_omp_num_threads(tiny_dir, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert [json.loads(l)["threads"] for l in open(tmp_path / "x" / "log.jsonl")] == [1]
+
+def test_exploit_resume_continues_the_run(tiny_dir, tmp_path, capsys):
+    """eval.py --exploit --resume continues a stopped exploitation run from its checkpoint (weights and Adam's
+    state): its iteration 2 and its final weights equal an uninterrupted run's. With no checkpoint in --out_dir,
+    --resume is one error line."""
+    from safetensors.torch import load_file
+    args = ["--env", "ipd", "--exploit", "random", "--n_rounds", "3",
+            "--exploit_args", f"--model_name {tiny_dir} --n_games 4 --lr 1e-3"]
+    EV.main(args + ["--iters", "3", "--out_dir", str(tmp_path / "full")])
+    EV.main(args + ["--iters", "2", "--out_dir", str(tmp_path / "part")])
+    w2 = load_file(tmp_path / "part" / "ckpt" / "model.safetensors")
+    capsys.readouterr()
+    EV.main(args + ["--iters", "3", "--out_dir", str(tmp_path / "part"), "--resume"])
+    assert "resume: the command line changes max_iters 2 -> 3" in capsys.readouterr().out
+    full, part = (EV.read_log(tmp_path / d) for d in ("full", "part"))
+    assert [r["iter"] for r in part] == [0, 1, 2]
+    for k in ("reward_trained", "reward_opponent", "loss"):
+        assert part[2][k] == pytest.approx(full[2][k], rel=1e-5)
+    w_full, w_part = (load_file(tmp_path / d / "ckpt" / "model.safetensors") for d in ("full", "part"))
+    assert any(not torch.equal(w2[k], w_part[k]) for k in w2)            # iteration 2 moved the weights
+    for k in w_full:
+        torch.testing.assert_close(w_part[k], w_full[k], rtol=1e-5, atol=1e-7)
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        EV.main(args + ["--iters", "3", "--out_dir", str(tmp_path / "none"), "--resume"])
 
 # -----------------------------------------------------------------------------
 # several processes (torchrun, gloo on the CPU)
