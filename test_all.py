@@ -503,6 +503,21 @@ def test_split_vs_greedy_replays_the_runs_draws():
         assert abs(svg.welfare("welfare_max", 0, it, 8, 8) - g - 90) < 1e-3
     assert len({round(svg.welfare("greedy", 0, it, 8, 8), 3) for it in range(8)}) > 2     # the draws do differ
 
+def test_tas_message_claims_reads_eval_transcripts(tiny_dir, tmp_path):
+    """results/tas_message_claims.py (results/README.md: TAS) reads eval.py's transcript format: every round and
+    message of a real TAS face-off, and on a hand-made round a message's leading number against each claim."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    import tas_message_claims as tmc
+    (ro, _), path = play(tiny_dir, "tas", n_games=2, fixed="greedy"), tmp_path / "t.md"
+    EV.transcript("tas", ["tiny", "greedy"], ro, [True, True], 2, path)
+    a = tmc.agreement(path)
+    assert a["rounds"] == 6 and a["messages"] == 12
+    path.write_text("**Round 0**\n- seat 1 says: ' 7 coins for me'\n- seat 0 says: 'hi'\n- claims: 3 / 7 coins\n\n"
+                    "**Round 1**\n- seat 0 says: '3, ok'\n- seat 1 says: '2'\n- claims: 3 / 7 coins\n")
+    a = tmc.agreement(path)
+    assert (a["messages"], a["numbered"], a["own"], a["partner"], a["same"]) == (4, 3, 2 / 3, 0.0, 0.0)
+    assert a["chance"] == pytest.approx((1 * 2 + 1 * 1 + 1 * 0) / 9)      # said {7, 3, 2} x own claims {7, 3, 7}
+
 
 def test_credit_check_marginal_welfare_by_hand():
     """results/credit_check.py's Split arithmetic (results/README.md: Split): the welfare change of one more unit claimed, item by
