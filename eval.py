@@ -18,6 +18,7 @@ A POLICY is a fixed strategy from envs.py, `human`, `api:URL:MODEL` (key from $O
 directory, or a model name for model.load_model. Add --json to print the figures as one JSON line last.
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -406,7 +407,7 @@ def main(argv=None):
             print("| iteration | learner reward/round | frozen policy reward/round |\n|---|---|---|")
             for r in log:
                 print(f"| {r['iter']} | {r['reward_trained']:.3f} | {r['reward_opponent']:.3f} |")
-            plot = plot_run(args.out_dir, env=args.env) if _has_mpl() else "matplotlib missing"
+            plot = plot_run(args.out_dir, env=args.env) if importlib.util.find_spec("matplotlib") else "matplotlib missing"
             print(f"log: {args.out_dir}/log.jsonl; plot: {plot}")
             if args.json:
                 print(json.dumps({"learner": [r["reward_trained"] for r in log],
@@ -444,13 +445,6 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("\ninterrupted")
-
-def _has_mpl():
-    try:
-        import matplotlib  # noqa: F401
-        return True
-    except ImportError:
-        return False
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, signal.default_int_handler)          # `kill PID` stops it like Ctrl-C does
