@@ -167,12 +167,13 @@ def nearest_classic(v):
 # -----------------------------------------------------------------------------
 # exploitability and plots
 
-def exploit(env, frozen, iters, out_dir, extra, resume=False):
+def exploit(env, frozen, iters, out_dir, extra, resume=False, overwrite=False):
     """Train a fresh naive learner from the base model against the frozen POLICY with train.py's loop (a
-    checkpoint every 10 iterations and at the end); resume: continue the run in out_dir up to iters instead."""
-    argv = ["--env", env, "--algo", "naive", "--opponent", frozen, "--max_iters", str(iters),
-            "--out_dir", out_dir] + (["--resume", "true"] if resume else ["--overwrite", "true"]) + extra
-    train.main(argv)
+    checkpoint every 10 iterations and at the end). As with train.py, a run already in out_dir is continued up to
+    iters (resume), replaced (overwrite), or else left alone with a one-line error."""
+    run = ["--resume", "true"] if resume else ["--overwrite", "true"] if overwrite else []
+    argv = ["--env", env, "--algo", "naive", "--opponent", frozen, "--max_iters", str(iters), "--out_dir", out_dir]
+    train.main(argv + run + extra)
     return read_log(out_dir)
 
 def _pyplot():
@@ -322,6 +323,12 @@ def plot_compare(run_dirs, path, env="ipd"):
 
 # -----------------------------------------------------------------------------
 
+def yes_no(s):
+    """--resume / --overwrite: bare means true; true / false also, as train.py takes them."""
+    if s.lower() in ("true", "false"):
+        return s.lower() == "true"
+    raise argparse.ArgumentTypeError(f"want true or false, got {s!r}")
+
 def main(argv=None):
     class Help(argparse.RawDescriptionHelpFormatter):                  # the docstring's examples as written
         def _get_help_string(self, action):                              # and the defaults that say something
@@ -350,7 +357,10 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=10, help="--exploit: training iterations")
     ap.add_argument("--exploit_args", default="", help="--exploit: extra train.py args, e.g. '--lr 1e-4 --n_games 8'")
     ap.add_argument("--out_dir", default="out_exploit", help="--exploit: where the learner's run goes")
-    ap.add_argument("--resume", action="store_true", help="--exploit: continue the run in --out_dir up to --iters")
+    ap.add_argument("--resume", type=yes_no, nargs="?", const=True, default=False,
+                    help="--exploit: continue the run in --out_dir up to --iters")
+    ap.add_argument("--overwrite", type=yes_no, nargs="?", const=True, default=False,
+                    help="--exploit: replace the run already in --out_dir")
     ap.add_argument("--transcript", type=int, default=0, metavar="K", help="write K games to --transcript_file")
     ap.add_argument("--transcript_file", default="transcript.md", help="--transcript: the Markdown file")
     ap.add_argument("--plot", metavar="RUN_DIR", nargs="+", help="learning curves of a train.py run as PNG "
@@ -365,8 +375,10 @@ def main(argv=None):
         ap.error(f"--max_msg_tokens must be at least 1 (the end tag), got {args.max_msg_tokens}")
     if args.temperature < 0:
         ap.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if args.resume and not args.exploit:
-        ap.error("--resume continues an --exploit run: give --exploit POLICY too")
+    if (args.resume or args.overwrite) and not args.exploit:
+        ap.error("--resume and --overwrite are about an --exploit run: give --exploit POLICY too")
+    if args.resume and args.overwrite:
+        ap.error("--resume continues the run in --out_dir, --overwrite replaces it: give one")
     if args.exploit and args.iters < 1:
         ap.error(f"--iters must be at least 1 (the learner's training iterations), got {args.iters}")
     for flag, f in (("--transcript_file", args.transcript and args.transcript_file), ("--plot_file", args.plot_file)):
@@ -403,7 +415,7 @@ def main(argv=None):
                 print(json.dumps(out))
         elif args.exploit:
             extra = args.exploit_args.split() + ["--n_rounds", str(args.n_rounds), "--device", args.device]
-            log = exploit(args.env, args.exploit, args.iters, args.out_dir, extra, args.resume)
+            log = exploit(args.env, args.exploit, args.iters, args.out_dir, extra, args.resume, args.overwrite)
             print("| iteration | learner reward/round | frozen policy reward/round |\n|---|---|---|")
             for r in log:
                 print(f"| {r['iter']} | {r['reward_trained']:.3f} | {r['reward_opponent']:.3f} |")

@@ -1115,7 +1115,7 @@ def test_plot_draws_the_claims_readout(tmp_path):
 
 def test_eval_cli_errors(monkeypatch, tmp_path, capsys):
     """Bad eval.py input is one line: a negative temperature, a transcript or a plot in a missing directory (before
-    any game is played or log read), --exploit with no iterations, --resume without --exploit, a device this torch lacks, and a human whose
+    any game is played or log read), --exploit with no iterations, --resume or --overwrite misused, a device this torch lacks, and a human whose
     input ends."""
     import io
     for argv, msg in [(["--a", "cooperator", "--temperature", "-1"], "--temperature"),
@@ -1124,7 +1124,9 @@ def test_eval_cli_errors(monkeypatch, tmp_path, capsys):
                        "does not exist"),
                       (["--plot", str(tmp_path), "--plot_file", str(tmp_path / "no" / "p.png")], "--plot_file"),
                       (["--exploit", "cooperator", "--iters", "0"], "--iters"),
-                      (["--a", "cooperator", "--resume"], "--resume continues an --exploit run")]:
+                      (["--a", "cooperator", "--resume"], "give --exploit POLICY too"),
+                      (["--exploit", "cooperator", "--resume", "--overwrite"], "give one"),
+                      (["--exploit", "cooperator", "--overwrite", "maybe"], "want true or false")]:
         with pytest.raises(SystemExit):
             EV.main(argv)
         assert msg in capsys.readouterr().err
@@ -1432,7 +1434,7 @@ def test_eval_keeps_omp_num_threads(tiny_dir, tmp_path):
 def test_exploit_resume_continues_the_run(tiny_dir, tmp_path, capsys):
     """eval.py --exploit --resume continues a stopped exploitation run from its checkpoint (weights and Adam's
     state): its iteration 2 and its final weights equal an uninterrupted run's. With no checkpoint in --out_dir,
-    --resume is one error line."""
+    --resume is one error line; without --resume or --overwrite a run in --out_dir is left alone (one line)."""
     from safetensors.torch import load_file
     args = ["--env", "ipd", "--exploit", "random", "--n_rounds", "3",
             "--exploit_args", f"--model_name {tiny_dir} --n_games 4 --lr 1e-3"]
@@ -1452,6 +1454,11 @@ def test_exploit_resume_continues_the_run(tiny_dir, tmp_path, capsys):
         torch.testing.assert_close(w_part[k], w_full[k], rtol=1e-5, atol=1e-7)
     with pytest.raises(SystemExit, match="no checkpoint"):
         EV.main(args + ["--iters", "3", "--out_dir", str(tmp_path / "none"), "--resume"])
+    with pytest.raises(SystemExit, match="already holds a run"):                  # kept, not silently replaced
+        EV.main(args + ["--iters", "1", "--out_dir", str(tmp_path / "part")])
+    assert len(EV.read_log(tmp_path / "part")) == 3
+    EV.main(args + ["--iters", "1", "--out_dir", str(tmp_path / "part"), "--overwrite", "true"])
+    assert len(EV.read_log(tmp_path / "part")) == 1
 
 # -----------------------------------------------------------------------------
 # several processes (torchrun, gloo on the CPU)
