@@ -1115,8 +1115,8 @@ def test_plot_draws_the_claims_readout(tmp_path):
 
 def test_eval_cli_errors(monkeypatch, tmp_path, capsys):
     """Bad eval.py input is one line: a negative temperature, a transcript or a plot in a missing directory (before
-    any game is played or log read), --exploit with no iterations, --resume or --overwrite misused, a device this torch lacks, and a human whose
-    input ends."""
+    any game is played or log read), --exploit with no iterations, --resume or --overwrite misused, a device this
+    torch lacks, and a human whose input ends."""
     import io
     for argv, msg in [(["--a", "cooperator", "--temperature", "-1"], "--temperature"),
                       (["--env", "tas", "--a", "greedy", "--max_msg_tokens", "0"], "--max_msg_tokens"),
