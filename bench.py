@@ -29,7 +29,8 @@ import time
 import torch
 
 import train
-from model import KVCache, cache_dtype, load_model, masked_log_softmax
+from load import load_model
+from model import KVCache, cache_dtype, masked_log_softmax
 from rollout import GRAPH_STATS, LMPolicy, rollout
 
 # -----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ eval.py: face-offs, the memory-one readout, exploitability, transcripts and plot
     python eval.py --env ipd --a out/ckpt --b human                        # you, at the terminal
 
 A POLICY is a fixed strategy from envs.py, `human`, `api:URL:MODEL` (key from $OPENAI_API_KEY), a checkpoint
-directory, or a model name for model.load_model. Add --json to print the figures as one JSON line last.
+directory, or a model name for load.load_model. Add --json to print the figures as one JSON line last.
 """
 import argparse
 import importlib.util
@@ -30,8 +30,9 @@ import torch
 
 import envs
 import train
-from model import check_device, load_model
-from rollout import (MEMORY_ONE, ApiPolicy, FixedPolicy, HumanPolicy, LMPolicy, claim_means, claims,
+from load import check_device, load_model
+from remote import ApiPolicy, HumanPolicy
+from rollout import (MEMORY_ONE, FixedPolicy, LMPolicy, claim_means, claims,
                      cooperation, memory_one, rollout)
 
 CLASSIC = {"TFT": (1, 1, 0, 1, 0), "WSLS": (1, 1, 0, 0, 1), "Grudger": (1, 1, 0, 0, 0), "ALLC": (1, 1, 1, 1, 1),

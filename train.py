@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import advantage
 import envs
-from model import check_device, load_dir, load_model, save_pretrained
+from load import check_device, load_dir, load_model, save_pretrained
 from rollout import FixedPolicy, LMPolicy, claim_means, claims, cooperation, memory_one, rollout
 
 # -----------------------------------------------------------------------------
