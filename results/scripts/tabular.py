@@ -1,10 +1,10 @@
-"""Split and Trust-and-Split with tabular learners: is it the method or the model? (results/README.md: "Is it the method or the model?")
+"""Split and Trust-and-Split with tabular learners: is it the method or the model? (results/tabular.md: "Is it the method or the model?")
 
-    python results/tabular.py --env split                        # naive, sum, AA; 3 seeds each; ~40 s on 1 CPU core
-    python results/tabular.py --env split --start_p10 0 0.65 0.9 # also from near-greedy starts
-    python results/tabular.py --env tas                          # with messages; --env tas_silent: without them
-    python results/tabular.py --env tas --start_truthful 0.9     # messages that start out naming the own hand
-    python results/tabular.py --env split --algos adalign --beta 0 0.5 1 2
+    python results/scripts/tabular.py --env split                        # naive, sum, AA; 3 seeds each; ~40 s on 1 CPU core
+    python results/scripts/tabular.py --env split --start_p10 0 0.65 0.9 # also from near-greedy starts
+    python results/scripts/tabular.py --env tas                          # with messages; --env tas_silent: without them
+    python results/scripts/tabular.py --env tas --start_truthful 0.9     # messages that start out naming the own hand
+    python results/scripts/tabular.py --env split --algos adalign --beta 0 0.5 1 2
 
 As `python advantage.py` does for the IPD: two independent tabular learners play the game with exactly the
 credit functions train.py uses (advantage.advantages over groups of 8 games that share the environment's
@@ -32,7 +32,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import advantage                      # noqa: E402
 import envs                           # noqa: E402
 from train import ENV_DEFAULTS        # noqa: E402

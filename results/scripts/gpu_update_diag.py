@@ -1,5 +1,5 @@
 """GPU diagnostic (one H200 on 2026-11-28): the IPD update at 128 games with the shared prefix and without it, then
-one update of each profiled. `python results/gpu_update_diag.py`; on a CPU: `DEV=cpu G=2 python results/gpu_update_diag.py`."""
+one update of each profiled. `python results/scripts/gpu_update_diag.py`; on a CPU: `DEV=cpu G=2 python results/scripts/gpu_update_diag.py`."""
 import os, statistics, sys, time
 import torch
 sys.path.insert(0, ".")

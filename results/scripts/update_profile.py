@@ -1,7 +1,7 @@
 """
 Where a Split update's time goes on a CPU, and whether a causal attention kernel would save any of it.
 
-    python results/update_profile.py            # ~2 minutes on 2 cores; run it on an idle machine
+    python results/scripts/update_profile.py            # ~2 minutes on 2 cores; run it on an idle machine
 
 1. Plays one Split game with the embedded model (2 conversations of ~1,030 tokens, the first ~170 shared),
    then times one forward+backward of model.token_logprobs over them, as train.update runs it, in fp32 and
@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train  # noqa: E402
 from model import load_model  # noqa: E402
 from rollout import LMPolicy, rollout  # noqa: E402

@@ -1,7 +1,7 @@
 """Do a TAS policy's messages announce its claims? Reads transcripts written by eval.py --transcript.
 
     python eval.py --env tas --a runs/tas_aa/ckpt --n_games 8 --transcript 8 --transcript_file tr.md
-    python results/tas_message_claims.py tr.md [more.md ...]
+    python results/scripts/tas_message_claims.py tr.md [more.md ...]
 
 For every message that starts with a whole number (after spaces), compare that number with the coins the
 speaker claims in the same round. Prints per file: how many messages start with a number, how often that

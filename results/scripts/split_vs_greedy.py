@@ -1,9 +1,9 @@
-"""How far above the greedy strategy is a Split run's welfare, on the same value draws? (results/README.md: Split)
+"""How far above the greedy strategy is a Split run's welfare, on the same value draws? (results/split.md)
 
-    python results/split_vs_greedy.py out/log.jsonl                                 # a run of train.py's defaults
-    python results/split_vs_greedy.py --n_games 8 results/split_*_bf16_seed0_log.jsonl   # runs of 8 games (a few seconds)
-    python results/split_vs_greedy.py --n_games 8 --seed 1 results/split_*_bf16_seed1_log.jsonl
-    python results/split_vs_greedy.py --seed 0,1 --plot gap.png A_seed0_log.jsonl A_seed1_log.jsonl   # a seed per log
+    python results/scripts/split_vs_greedy.py out/log.jsonl                                 # a run of train.py's defaults
+    python results/scripts/split_vs_greedy.py --n_games 8 results/logs/split_*_bf16_seed0_log.jsonl   # runs of 8 games (a few seconds)
+    python results/scripts/split_vs_greedy.py --n_games 8 --seed 1 results/logs/split_*_bf16_seed1_log.jsonl
+    python results/scripts/split_vs_greedy.py --seed 0,1 --plot gap.png A_seed0_log.jsonl A_seed1_log.jsonl   # a seed per log
 
 A Split iteration's welfare moves with its value draws (all games of a group share them): greedy against
 greedy scores 147 to 183 per round on different iterations of seed 0, so a raw curve shows the draws more than
@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import train                               # noqa: E402
 from rollout import FixedPolicy, rollout    # noqa: E402
 

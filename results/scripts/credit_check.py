@@ -1,7 +1,7 @@
-"""Which way does each algorithm's credit push a proposal? (results/README.md: Split's sum-of-rewards arm; TAS)
+"""Which way does each algorithm's credit push a proposal? (results/split.md: Split's sum-of-rewards arm; results/tas.md)
 
-    python results/credit_check.py                  # split: ~10 min on 2 CPU cores (beside two training runs)
-    python results/credit_check.py --env tas        # tas: ~15 min (the same)
+    python results/scripts/credit_check.py                  # split: ~10 min on 2 CPU cores (beside two training runs)
+    python results/scripts/credit_check.py --env tas        # tas: ~15 min (the same)
 
 The untrained embedded model plays itself (6 rollouts of 8 games in one group each, bf16 autocast as the
 runs). For every (trajectory, round): the per-round credit that train.py gives (naive, sum, adalign; the
@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import envs                                    # noqa: E402
 import train                                   # noqa: E402
 from model import load_model                   # noqa: E402
