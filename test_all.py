@@ -483,9 +483,9 @@ def test_tabular_demo_naive_defects_aa_reciprocates():
     assert coop_n < 0.1 and coop_a > coop_n + 0.3
 
 def test_tabular_split_and_tas_with_train_credits():
-    """results/tabular.py (results/README.md's "method or model" table): with train.py's credits, the oracle reaches
+    """results/scripts/tabular.py (results/tabular.md's table): with train.py's credits, the oracle reaches
     Split's welfare-max and AA reciprocates where naive turns greedy; in TAS the oracle needs the messages."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "scripts"))
     import tabular
     w = {a: tabular.train_tabular("split", a, 1.0, seed=0, iters=80, n_games=32)[0] for a in ("naive", "sum", "adalign")}
     assert w["sum"] > 240 and w["naive"] < 195 and w["adalign"] > w["naive"] + 15, w
@@ -494,12 +494,12 @@ def test_tabular_split_and_tas_with_train_credits():
     assert talk > 80 and silent < 56, (talk, silent)
 
 def test_split_vs_greedy_replays_the_runs_draws():
-    """results/split_vs_greedy.py (results/README.md: Split): it replays a run's value draws, so a run that turned greedy scores
+    """results/scripts/split_vs_greedy.py (results/split.md): it replays a run's value draws, so a run that turned greedy scores
     exactly greedy's welfare there; welfare-max gains 90 points per round over greedy (on every draw checked)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "scripts"))
     import split_vs_greedy as svg
     log = [json.loads(line) for line in open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                          "split_naive_bf16_seed0_log.jsonl"))]
+                                                          "logs", "split_naive_bf16_seed0_log.jsonl"))]
     for it in (40, 41, 59):                            # naive seed 0 plays greedy by then (claims 10 / 10 / 10)
         g = svg.welfare("greedy", 0, it, 8, 8)          # that run played 8 games in one group of 8
         assert abs(log[it]["welfare"] - g) < 1e-3, (it, log[it]["welfare"], g)
@@ -507,9 +507,9 @@ def test_split_vs_greedy_replays_the_runs_draws():
     assert len({round(svg.welfare("greedy", 0, it, 8, 8), 3) for it in range(8)}) > 2     # the draws do differ
 
 def test_tas_message_claims_reads_eval_transcripts(tiny_dir, tmp_path):
-    """results/tas_message_claims.py (results/README.md: TAS) reads eval.py's transcript format: every round and
+    """results/scripts/tas_message_claims.py (results/tas.md) reads eval.py's transcript format: every round and
     message of a real TAS face-off, and on a hand-made round a message's leading number against each claim."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "scripts"))
     import tas_message_claims as tmc
     (ro, _), path = play(tiny_dir, "tas", n_games=2, fixed="greedy"), tmp_path / "t.md"
     EV.transcript("tas", ["tiny", "greedy"], ro, [True, True], 2, path)
@@ -523,9 +523,9 @@ def test_tas_message_claims_reads_eval_transcripts(tiny_dir, tmp_path):
 
 
 def test_credit_check_marginal_welfare_by_hand():
-    """results/credit_check.py's Split arithmetic (results/README.md: Split): the welfare change of one more unit claimed, item by
+    """results/scripts/credit_check.py's Split arithmetic (results/split.md): the welfare change of one more unit claimed, item by
     item, equals the hand-computed one, tells the cases where the claims still fit in 10, and skips a claim of 10."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "scripts"))
     import credit_check
     info = {"values": ((10, 1, 1), (1, 1, 10)), "claims": ((8, 5, 3), (9, 4, 10))}
     got = credit_check.marginal_welfare(info, 0)
@@ -1518,9 +1518,9 @@ def test_torchrun_two_processes_equal_one(tiny_dir, tmp_path):
     assert [json.loads(l)["iter"] for l in open(tmp_path / "two" / "log.jsonl")] == [0, 1, 2]
 
 def test_credit_check_features():
-    """results/credit_check.py reads the item worth less / more and the hand of a round: a wrong index would flip its tables in results/README.md."""
+    """results/scripts/credit_check.py reads the item worth less / more and the hand of a round: a wrong index would flip its tables in results/split.md and tas.md."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("credit_check", os.path.join(os.path.dirname(__file__), "results", "credit_check.py"))
+    spec = importlib.util.spec_from_file_location("credit_check", os.path.join(os.path.dirname(__file__), "results", "scripts", "credit_check.py"))
     cc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cc)
     split = {"values": ((10, 1, 1), (1, 10, 1)), "claims": ((7, 3, 5), (0, 9, 6))}

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import envs                                    # noqa: E402
 import train                                   # noqa: E402
-from model import load_model                   # noqa: E402
+from load import load_model                   # noqa: E402
 from envs import round_claims                          # noqa: E402
 from rollout import LMPolicy, rollout                  # noqa: E402
 

@@ -4,7 +4,7 @@ import os, statistics, sys, time
 import torch
 sys.path.insert(0, ".")
 import train
-from model import load_model
+from load import load_model
 from rollout import LMPolicy, rollout
 dev = torch.device(os.environ.get("DEV", "cuda")); G = int(os.environ.get("G", "128"))
 sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
