@@ -14,8 +14,8 @@ Baselines: (a) every round, transformers `generate` on each whole conversation s
 plays multi-turn games), replaying our exact conversations; (b) the same loss with transformers'
 forward+backward plus the same Adam step.
 Figures: seconds and tokens/s per phase; MFU = useful model FLOPs / seconds / the device's matmul peak in
-that dtype, measured here; decode_step_ms = (the rollout's wall time - its prefill calls (more than 8 new
-tokens per row) replayed alone) per decode call; engine_overhead = rollout wall time / the time of the same model calls
+that dtype, measured here; decode_step_ms = the rollout's decode calls (at most 8 new tokens per row) replayed
+alone, per call (measured; the engine's own time is in engine_overhead); engine_overhead = rollout wall time / the time of the same model calls
 (same batch, chunk and cache shapes) replayed alone; bandwidth_util = bytes a decode step must read (weights
 + the KV cache in use) / measured memory bandwidth / decode_step_ms. On CUDA every timer synchronizes.
 The last line is one JSON object.
@@ -28,10 +28,13 @@ import time
 
 import torch
 
+import devices
+import envs
 import train
 from load import load_model
 from model import KVCache, cache_dtype, masked_log_softmax
-from rollout import GRAPH_STATS, LMPolicy, rollout
+from engine import GRAPH_STATS
+from rollout import LMPolicy, rollout
 
 # -----------------------------------------------------------------------------
 # the device
@@ -193,7 +196,7 @@ def main():
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--model", default="smollm2-135m", help="embedded model, checkpoint dir, or random:SHAPE "
                     "(smollm2-135m, qwen2.5-1.5b, qwen2.5-7b)")
-    ap.add_argument("--env", default="ipd", choices=["ipd", "split", "tas", "tas_silent"], help="the game")
+    ap.add_argument("--env", default="ipd", choices=list(envs.GAMES), help="the game")
     ap.add_argument("--n_games", type=int, default=16, help="games in the iteration (2 trajectories each)")
     ap.add_argument("--max_msg_tokens", type=int, default=32, help="tas: message budget")
     ap.add_argument("--baseline", default="true", choices=["true", "false"], help="also time transformers")
@@ -202,7 +205,7 @@ def main():
                     help="replay long decode turns as CUDA graphs; auto: on CUDA, as train.py does (true on a CPU: "
                     "the same fixed-shape steps, eagerly)")
     args = ap.parse_args()
-    dev_name, dt = train.pick_device_dtype(args.device, "auto")
+    dev_name, dt = devices.pick_device_dtype(args.device, "auto")
     dev = torch.device(dev_name)
     now = clock(dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dt == "bfloat16")
@@ -259,7 +262,7 @@ def main():
     # decode steps: calls that feed at most 8 new tokens per row, and graph replays; what they must read from memory
     dec = [c for c in calls if c[1] <= 8]
     n_steps = len(dec) + replays
-    decode_step_s = (roll_t[-1] - prefill_s) / n_steps if n_steps else float("nan")   # the rest of the wall time
+    decode_step_s = decode_s / len(dec) if dec else float("nan")     # one decode call, replayed alone at its shapes
     w_bytes = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n or model.cfg.tie_embeddings)
     w_bytes *= 2 if dt == "bfloat16" else 4
     with autocast:
@@ -272,7 +275,7 @@ def main():
     n_dec = int((ro.decision & trained[:, None]).sum())
     n_train_tok = int(ro.length[trained].sum())
     P = len(pol.chat.first(ro.games[0].intro, "")[0])
-    n_mb = len(train.micro_batches(trained.nonzero().flatten().tolist(), ro.length, train.micro_batch_tokens(cfg, model)))
+    n_mb = len(train.micro_batches(trained.nonzero().flatten().tolist(), ro.length, devices.micro_batch_tokens(cfg, model)))
     roll_flops = fwd_flops(model, n_conv - (2 * G - 1) * P, n_sampled)   # each distinct token once
     train_flops = 3 * fwd_flops(model, n_train_tok - (int(trained.sum()) - n_mb) * P, n_dec)
     res = dict(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", dtype=dt, model=args.model,
@@ -288,8 +291,8 @@ def main():
           f"update on {int(trained.sum())} trained conversations ({n_train_tok} tokens, {n_dec} decision tokens)")
     overhead = (f"model calls alone {model_s:.2f} s -> engine_overhead {res['engine_overhead']:.2f}" if not replays else
                 f"engine_overhead not measured ({replays} steps were graph replays)")
-    print(f"rollout: {roll_s:.2f} s, {n_conv / roll_s:.0f} tok/s, MFU {res['rollout_mfu']:.1%}; {n_steps} decode steps of "
-          f"{res['decode_step_ms']:.1f} ms; {overhead}; "
+    print(f"rollout: {roll_s:.2f} s, {n_conv / roll_s:.0f} tok/s, MFU {res['rollout_mfu']:.1%}; {n_steps} decode steps, "
+          f"{res['decode_step_ms']:.1f} ms each for the model alone; {overhead}; "
           f"bandwidth_util {bandwidth_util:.3f}")
     print(f"update: {upd_s:.2f} s, {n_train_tok / upd_s:.0f} tok/s, MFU {res['train_mfu']:.1%}; peak memory {peak_mem:.2f} GiB")
     # --- transformers, same device, same dtype
@@ -299,7 +302,7 @@ def main():
         hf_roll_s = hf_rollout_baseline(hf, ro, pol.chat.eot, dev, autocast, now)
         hf.train()
         hf_opt = torch.optim.Adam(hf.parameters(), lr=1e-5)
-        hf_upd = lambda: hf_update_baseline(hf, hf_opt, ro, credit, trained, train.micro_batch_tokens(cfg, model), dev,
+        hf_upd = lambda: hf_update_baseline(hf, hf_opt, ro, credit, trained, devices.micro_batch_tokens(cfg, model), dev,
                                             autocast, now)
         if dev.type == "cuda":                                         # untimed, as ours was (see above)
             hf_upd()

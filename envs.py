@@ -13,7 +13,7 @@ A Game is two players and a hidden number of rounds. rollout.py drives a batch o
             game.act(p, reply)               # once every player in to_act() has acted, the game moves on
     game.rewards[t] = (r0, r1), game.invalid[t] = (bool, bool), game.info[t] = {...}   per round t
 
-Invalid actions (SPEC 2.4), the same rule in every game: an output that does not parse is flagged in
+Invalid actions, the same rule in every game (as in the paper, an invalid move is never silent): an output that does not parse is flagged in
 game.invalid and played as the least cooperative legal move (ipd: <B>; split: 10 of everything; tas:
 10 coins). Parsing never raises. Games of one group share the seed, hence the same hands/values/starter.
 """
@@ -21,15 +21,13 @@ import argparse
 import random
 import re
 
-GAMES = ("ipd", "split", "tas", "tas_silent")     # tas_silent: TAS without its messages
-
 MESSAGE_START = "<<message_start>>" # a TAS message's start tag (rollout feeds it: not sampled, not counted in the budget)
 MESSAGE_END = "<<message_end>>"     # its end tag (rollout stops a message there)
 
 def make_game(env, seed, n_rounds=10):
     if env not in GAMES:
         raise ValueError(f"unknown env {env!r}: choose one of {', '.join(GAMES)}")
-    return {"ipd": IPD, "split": Split, "tas": TAS, "tas_silent": SilentTAS}[env](seed, n_rounds)
+    return GAMES[env](seed, n_rounds)
 
 def proportional(x0, x1, total=10):
     """Claims on one item of `total` units: each gets its claim if they fit, else a proportional share."""
@@ -38,8 +36,28 @@ def proportional(x0, x1, total=10):
     return total * x0 / (x0 + x1), total * x1 / (x0 + x1)
 
 class Game:
-    """The bookkeeping every game shares: inboxes of pending text, acting players, per-round records."""
+    """The bookkeeping every game shares: inboxes of pending text, acting players, per-round records. A game also
+    describes itself to train.py and eval.py (its class attributes below; IPD shows them filled in)."""
     intro = ""
+    defaults = {}             # train.py's defaults for it (n_games, group_size, beta, gamma, reward_scale, kl_coef,
+                              #   entropy_coef for AA, buffer_fixed, buffer_fixed_prob); see IPD
+    paper_n_games = 64        # games per iteration in the paper (--preset paper)
+    turns_per_round = 1       # lockstep turns in a round (the progress bar)
+    readout = {}              # key -> what it means: round_readout's values, averaged in log lines and face-offs
+    by_round = False          # face-offs also print the readout round by round
+    memory_one = False        # the IPD's exact memory-one readout applies (logged at checkpoints)
+    welfare_reference = {}    # fixed strategy -> welfare per round when it plays itself (lines on learning curves)
+    strategies = {}           # the fixed opponents: name -> fn(game, player, rng) -> text (set at registration)
+
+    @staticmethod
+    def round_readout(info, p):
+        """Player p's readout of one round (a Game.info entry) -> [(index into readout, value)]."""
+        return []
+
+    @staticmethod
+    def describe_round(info):
+        """One round (a Game.info entry) as Markdown lines for transcripts."""
+        return []
 
     def __init__(self, seed, n_rounds=10):
         self.rng = random.Random(seed)     # environment randomness only (shared within a group)
@@ -68,6 +86,22 @@ class IPD(Game):
              "<A> or <B>. Points each round: both <A>: 3 each. Both <B>: 1 each. If one plays <B> and the other <A>, "
              "the <B> player gets 5 and the <A> player 0. Your goal is to maximize your total points.")
     PAYOFF = {("A", "A"): (3, 3), ("A", "B"): (0, 5), ("B", "A"): (5, 0), ("B", "B"): (1, 1)}
+    # the paper's beta, gamma and reward scale; no environment randomness, so one group per game; 16 games: ours, for
+    # a CPU; a fixed defector in 1/8 of AA's buffer games keeps retaliation from eroding (results/ipd.md)
+    defaults = dict(n_games=16, group_size=1, beta=0.5, gamma=0.9, reward_scale=1 / 5, kl_coef=0.0, entropy_coef=0.01,
+                    buffer_fixed="defector", buffer_fixed_prob=0.125)
+    paper_n_games = 128
+    readout = {"coop": "cooperation rate"}
+    by_round = memory_one = True
+    welfare_reference = {"cooperator": 6.0, "defector": 2.0}
+
+    @staticmethod
+    def round_readout(info, p):
+        return [(0, float(info["moves"][p] == "A"))]
+
+    @staticmethod
+    def describe_round(info):
+        return [f"- moves: <{info['moves'][0]}> / <{info['moves'][1]}>"]
 
     def start_round(self):
         if self.round == 0:
@@ -110,6 +144,22 @@ class Split(Game):
     # the 12 value profiles: equal totals for both players, at least one item valued differently
     PROFILES = [(a, b) for a in [(x, y, z) for x in (1, 10) for y in (1, 10) for z in (1, 10)]
                 for b in [(x, y, z) for x in (1, 10) for y in (1, 10) for z in (1, 10)] if sum(a) == sum(b) and a != b]
+    defaults = dict(n_games=4, group_size=8, beta=1.0, gamma=0.9, reward_scale=1 / 100, kl_coef=0.001, entropy_coef=0.0,
+                    buffer_fixed="", buffer_fixed_prob=0.0)
+    readout = {"claim_more": "kept of an item worth more to it", "claim_equal": "... worth the same",
+               "claim_less": "... worth less to it"}
+    welfare_reference = {"welfare_max": 255.0, "greedy": 165.0}
+
+    @staticmethod
+    def round_readout(info, p):
+        """The units p kept of each item, by whether it is worth more / as much / less to p than to the other.
+        Welfare-max keeps 10 / 5 / 0, greedy 10 / 10 / 10."""
+        return [(0 if mine > theirs else 2 if mine < theirs else 1, float(kept))
+                for mine, theirs, kept in zip(info["values"][p], info["values"][1 - p], info["claims"][p])]
+
+    @staticmethod
+    def describe_round(info):
+        return [f"- values: {info['values'][0]} / {info['values'][1]}; claims: {info['claims'][0]} / {info['claims'][1]}"]
 
     def start_round(self):
         self.values = self.rng.choice(self.PROFILES)  # (player 0's, player 1's) per-unit values
@@ -166,6 +216,12 @@ class TAS(Game):
              "how many coins to keep. " + TAS_CLAIMS + f"Write a message as {MESSAGE_START} text {MESSAGE_END}, " +
              TAS_PROPOSAL)
     talk = True
+    defaults = dict(n_games=4, group_size=8, beta=2.0, gamma=0.96, reward_scale=1 / 100, kl_coef=0.001, entropy_coef=0.0,
+                    buffer_fixed="", buffer_fixed_prob=0.0)
+    turns_per_round = 3       # a message, the reply, the proposals
+    readout = {"claim_upper": "coins claimed, upper hand", "claim_lower": "... lower hand",
+               "tells_hand": "messages naming its own hand"}
+    welfare_reference = {"honest": 100.0, "greedy": 55.0}
     MSG = "Your message."
     PROPOSE = "Your proposal."
 
@@ -187,6 +243,24 @@ class TAS(Game):
 
     def upper(self, p):
         return BEATS[self.hands[p]] == self.hands[1 - p]
+
+    @classmethod
+    def round_readout(cls, info, p):
+        """The coins p claimed, by upper / lower hand (honest 10 / 0, greedy 10 / 10), and (with messages) 1.0 if
+        p's message named its own hand and no other."""
+        hand = info["hands"][p]
+        out = [(0 if BEATS[hand] == info["hands"][1 - p] else 1, float(info["claims"][p]))]
+        if cls.talk:
+            named = {h for h in HANDS if h in info["messages"][p].lower()}
+            out.append((2, float(named == {hand})))
+        return out
+
+    @classmethod
+    def describe_round(cls, info):
+        st = info["starter"]
+        return ([f"- hands: {info['hands'][0]} / {info['hands'][1]}"] +
+                [f"- seat {s} says: {info['messages'][s]!r}" for s in ((st, 1 - st) if cls.talk else ())] +
+                [f"- claims: {info['claims'][0]} / {info['claims'][1]} coins"])
 
     def options(self, p):
         return None if self.phase == "message" else [f"<<proposal_start>> {x} <<proposal_end>>" for x in range(11)]
@@ -235,6 +309,8 @@ class TAS(Game):
 class SilentTAS(TAS):
     """Trust-and-Split with no messages (does communication matter?): both propose right after seeing their hands."""
     talk = False
+    turns_per_round = 1
+    readout = {k: v for k, v in TAS.readout.items() if k != "tells_hand"}
     intro = TAS_HANDS + "Each round both propose at the same time how many coins to keep. " + TAS_CLAIMS + "Write " + TAS_PROPOSAL
 
 # -----------------------------------------------------------------------------
@@ -321,44 +397,19 @@ def tas_strategy(honest):
         return f"<<proposal_start>> {10 if not honest or g.upper(p) else 0} <<proposal_end>>"
     return play
 
-# SPEC 2: welfare per round (both rewards summed) when a fixed strategy plays itself, drawn on learning curves
-WELFARE_REFERENCE = {"ipd": {"cooperator": 6.0, "defector": 2.0}, "split": {"welfare_max": 255.0, "greedy": 165.0},
-                     "tas": {"honest": 100.0, "greedy": 55.0}}
-WELFARE_REFERENCE["tas_silent"] = WELFARE_REFERENCE["tas"]
+# -----------------------------------------------------------------------------
+# the games by name. Add a game: a Game subclass above (intro, start_round, options, parse, advance, and the
+# class attributes of Game that say how to train and read it), its fixed strategies, and one line here.
 
-# the Split / TAS readout: what each player claimed, by situation (train.py's log lines, eval.py's face-offs)
-CLAIMS = {  # per env: the readout's keys (in round_claims' order) and what each means, for reports
-    "split": {"claim_more": "kept of an item worth more to it", "claim_equal": "... worth the same",
-              "claim_less": "... worth less to it"},
-    "tas": {"claim_upper": "coins claimed, upper hand", "claim_lower": "... lower hand",
-            "tells_hand": "messages naming its own hand"}}
-CLAIMS["tas_silent"] = {k: v for k, v in CLAIMS["tas"].items() if k != "tells_hand"}
-
-def round_claims(env, info, p):
-    """What player p claimed in one round (a Game.info entry) -> [(k, value)], k indexing CLAIMS[env]. Split: the
-    units kept of each item, by whether it is worth more / as much / less to p than to the other. TAS: the coins
-    claimed, by upper / lower hand, and (with messages) 1.0 if p's message named its own hand and no other."""
-    if env == "split":
-        return [(0 if mine > theirs else 2 if mine < theirs else 1, float(kept))
-                for mine, theirs, kept in zip(info["values"][p], info["values"][1 - p], info["claims"][p])]
-    hand = info["hands"][p]
-    out = [(0 if BEATS[hand] == info["hands"][1 - p] else 1, float(info["claims"][p]))]
-    if env == "tas":
-        named = {h for h in HANDS if h in info["messages"][p].lower()}
-        out.append((2, float(named == {hand})))
-    return out
-
-STRATEGIES = {
-    "ipd": IPD_STRATEGIES,
-    "split": {"greedy": lambda g, p, r: "Proposal: 10 hats, 10 books, 10 balls", "welfare_max": split_welfare_max},
-    "tas": {"greedy": tas_strategy(honest=False), "honest": tas_strategy(honest=True)},
-}
-STRATEGIES["tas_silent"] = STRATEGIES["tas"]
+IPD.strategies = IPD_STRATEGIES
+Split.strategies = {"greedy": lambda g, p, r: "Proposal: 10 hats, 10 books, 10 balls", "welfare_max": split_welfare_max}
+TAS.strategies = {"greedy": tas_strategy(honest=False), "honest": tas_strategy(honest=True)}
+GAMES = {"ipd": IPD, "split": Split, "tas": TAS, "tas_silent": SilentTAS}   # tas_silent: TAS without its messages
 
 def play_fixed(env, a, b, seed, n_rounds=10):
     """One game between two fixed strategies (by name). -> the finished Game."""
     g, rng = make_game(env, seed, n_rounds), random.Random(seed + 1)
-    fns = [STRATEGIES[env][a], STRATEGIES[env][b]]
+    fns = [GAMES[env].strategies[a], GAMES[env].strategies[b]]
     while not g.done:
         for p in g.to_act():
             g.observe(p)
@@ -374,10 +425,11 @@ if __name__ == "__main__":
     ap.add_argument("--n_rounds", type=int, default=10, help="rounds, not told to the players (default: 10)")
     ap.add_argument("--seed", type=int, default=0, help="the values or hands drawn, the opponent's dice (default: 0)")
     args = ap.parse_args()
-    opp_name = args.opponent or next(iter(STRATEGIES[args.env]))
-    if opp_name not in STRATEGIES[args.env]:
-        ap.error(f"unknown opponent {opp_name!r} for {args.env}: choose from {', '.join(STRATEGIES[args.env])}")
-    g, rng, opp = make_game(args.env, args.seed, args.n_rounds), random.Random(args.seed), STRATEGIES[args.env][opp_name]
+    strategies = GAMES[args.env].strategies
+    opp_name = args.opponent or next(iter(strategies))
+    if opp_name not in strategies:
+        ap.error(f"unknown opponent {opp_name!r} for {args.env}: choose from {', '.join(strategies)}")
+    g, rng, opp = make_game(args.env, args.seed, args.n_rounds), random.Random(args.seed), strategies[opp_name]
     print(f"You are player 0 against {opp_name}. The game ends without warning.\n")
     shown = 0
     try:

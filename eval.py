@@ -28,12 +28,14 @@ import sys
 
 import torch
 
+import devices
 import envs
+import rundir
 import train
-from load import check_device, load_model
+from devices import check_device
+from load import load_model
 from remote import ApiPolicy, HumanPolicy
-from rollout import (MEMORY_ONE, FixedPolicy, LMPolicy, claim_means, claims,
-                     cooperation, memory_one, rollout)
+from rollout import MEMORY_ONE, FixedPolicy, LMPolicy, memory_one, readout, readout_means, rollout
 
 CLASSIC = {"TFT": (1, 1, 0, 1, 0), "WSLS": (1, 1, 0, 0, 1), "Grudger": (1, 1, 0, 0, 0), "ALLC": (1, 1, 1, 1, 1),
            "ALLD": (0, 0, 0, 0, 0), "GTFT": (1, 1, 1 / 3, 1, 1 / 3)}  # (opening, CC, CD, DC, DD)
@@ -43,7 +45,8 @@ def make_policy(spec, env, device="cpu", cache=None, api=None):
     cache = {} if cache is None else cache
     if spec in cache:
         return cache[spec]
-    if spec in envs.STRATEGIES[env]:
+    strategies = envs.GAMES[env].strategies
+    if spec in strategies:
         pol = FixedPolicy(env, spec)
     elif spec == "human":
         pol = HumanPolicy()
@@ -56,9 +59,9 @@ def make_policy(spec, env, device="cpu", cache=None, api=None):
         try:
             model, tok = load_model(spec, device, torch.float32)
         except (OSError, RuntimeError, ValueError) as e:
-            raise ValueError(f"{spec!r} is not one of the {env} strategies ({', '.join(envs.STRATEGIES[env])}), 'human', "
+            raise ValueError(f"{spec!r} is not one of the {env} strategies ({', '.join(strategies)}), 'human', "
                              f"'api:URL:MODEL', nor a loadable model: {e}") from None
-        train.warn_other_game(spec, env)
+        rundir.warn_other_game(spec, env)
         pol = LMPolicy(model, tok, os.path.basename(spec.rstrip("/")) or spec)
     cache[spec] = pol
     return pol
@@ -86,14 +89,13 @@ def faceoff(env, pa, pb, n_games, seed=0, n_rounds=10, group_size=1, temperature
            "se_a": se(ra), "se_b": se(rb), "se_welfare": se(ra + rb),
            "invalid_a": ro.invalid[a_row].float().mean().item(), "invalid_b": ro.invalid[b_row].float().mean().item(),
            "n_games": n_games}
-    if env == "ipd":
-        coop = cooperation(ro).float()
-        out.update(coop_a=coop[a_row].mean().item(), coop_b=coop[b_row].mean().item(),
-                   coop_by_round_a=coop[a_row].mean(0).tolist(), coop_by_round_b=coop[b_row].mean(0).tolist())
-    if env != "ipd":
-        x = claims(ro, env)                                                 # (N, K, 2)
-        for who, rows in (("a", a_row), ("b", b_row)):
-            out.update({f"{k}_{who}": v for k, v in claim_means(x[rows].sum(0), env).items()})
+    x = readout(ro, env)                                                    # (N, T, K, 2)
+    for who, rows in (("a", a_row), ("b", b_row)):
+        out.update({f"{k}_{who}": v for k, v in readout_means(x[rows].sum((0, 1)), env).items()})
+        if envs.GAMES[env].by_round:                                        # each key's mean by round
+            by = x[rows].sum(0)                                             # (T, K, 2)
+            for i, k in enumerate(envs.GAMES[env].readout):
+                out[f"{k}_by_round_{who}"] = (by[:, i, 0] / by[:, i, 1].clamp(min=1)).tolist()
     for who, pol in (("a", pa),) if pa is pb else (("a", pa), ("b", pb)):    # self-play: one policy, one count
         if isinstance(pol, ApiPolicy):
             out[f"api_failures_{who}"] = pol.failures - failed_before[id(pol)]
@@ -107,21 +109,19 @@ def pm(x):
     return f" ± {x:.3f}" if x is not None else ""
 
 def faceoff_table(env, names, fig):
-    rows = ["| player | reward/round | invalid rate |" + (" cooperation |" if env == "ipd" else ""),
-            "|---|---|---|" + ("---|" if env == "ipd" else "")]
+    game = envs.GAMES[env]
+    rows = ["| player | reward/round | invalid rate |", "|---|---|---|"]
     for who, name in zip("ab", names):
-        coop = f" {fig['coop_' + who]:.2f} |" if env == "ipd" else ""
-        rows.append(f"| {who}: {name} | {fig['reward_' + who]:.3f}{pm(fig['se_' + who])} | "
-                    f"{fig['invalid_' + who]:.3f} |{coop}")
-    if env == "ipd":
-        rows += ["", "| cooperation by round | " + " | ".join(str(t) for t in range(len(fig["coop_by_round_a"]))) + " |",
-                 "|---|" + "---|" * len(fig["coop_by_round_a"])]
-        rows += [f"| {who}: {name} | " + " | ".join(f"{c:.2f}" for c in fig[f"coop_by_round_{who}"]) + " |"
-                 for who, name in zip("ab", names)]
-    keys = [k for k in envs.CLAIMS.get(env, ()) if f"{k}_a" in fig or f"{k}_b" in fig]
-    if keys:                                                  # Split / TAS: claims_readout
-        rows += ["", "| readout | " + " | ".join(envs.CLAIMS[env][k] for k in keys) + " |", "|---|" + "---|" * len(keys)]
+        rows.append(f"| {who}: {name} | {fig['reward_' + who]:.3f}{pm(fig['se_' + who])} | {fig['invalid_' + who]:.3f} |")
+    keys = [k for k in game.readout if f"{k}_a" in fig or f"{k}_b" in fig]
+    if keys:                                                  # the game's readout (IPD cooperation, claims)
+        rows += ["", "| readout | " + " | ".join(game.readout[k] for k in keys) + " |", "|---|" + "---|" * len(keys)]
         rows += [f"| {who}: {name} | " + " | ".join(f"{fig.get(f'{k}_{who}', float('nan')):.2f}" for k in keys) + " |"
+                 for who, name in zip("ab", names)]
+    for k in (k for k in game.readout if f"{k}_by_round_a" in fig):
+        T = len(fig[f"{k}_by_round_a"])
+        rows += ["", f"| {game.readout[k]} by round | " + " | ".join(str(t) for t in range(T)) + " |", "|---|" + "---|" * T]
+        rows += [f"| {who}: {name} | " + " | ".join(f"{c:.2f}" for c in fig[f"{k}_by_round_{who}"]) + " |"
                  for who, name in zip("ab", names)]
     rows.append(f"\ncollective welfare (sum per round): {fig['welfare']:.3f}{pm(fig['se_welfare'])} "
                 f"over {fig['n_games']} games (both seat orders)")
@@ -141,16 +141,7 @@ def transcript(env, names, ro, a_seat0, k, path):
         lines.append(f"## Game {gi}: seat 0 = {seat_name[0]}, seat 1 = {seat_name[1]}\n")
         for t, info in enumerate(g.info):
             lines.append(f"**Round {t}**")
-            if env.startswith("tas"):
-                st = info["starter"]
-                lines.append(f"- hands: {info['hands'][0]} / {info['hands'][1]}")
-                for s in (st, 1 - st) if g.talk else ():
-                    lines.append(f"- seat {s} says: {info['messages'][s]!r}")
-                lines.append(f"- claims: {info['claims'][0]} / {info['claims'][1]} coins")
-            elif env == "split":
-                lines.append(f"- values: {info['values'][0]} / {info['values'][1]}; claims: {info['claims'][0]} / {info['claims'][1]}")
-            else:
-                lines.append(f"- moves: <{info['moves'][0]}> / <{info['moves'][1]}>")
+            lines += envs.GAMES[env].describe_round(info)
             inv = "".join(f" (seat {s} invalid)" for s in (0, 1) if g.invalid[t][s])
             lines.append(f"- rewards: {g.rewards[t][0]:g} / {g.rewards[t][1]:g}{inv}\n")
     with open(path, "w") as f:
@@ -203,17 +194,19 @@ def read_log(run_dir):
     return log
 
 def log_env(log, env):
-    """The game a train.py log is about, read from its readout keys (IPD: coop; Split: claim_more; TAS and
-    tas_silent: claim_upper, drawn alike). A log from before the Split/TAS readouts: env, unless env is the IPD
-    (eval.py's default), which every IPD log would have said; then None (unknown)."""
-    for key, game in (("coop", "ipd"), ("claim_more", "split"), ("claim_upper", "tas")):
-        if key in log[-1]:
-            return game
-    return None if env == "ipd" else env
+    """The game a train.py log is about, read from its readout keys (the first game whose first readout key the
+    last line has; tas_silent is drawn as tas). A log with no readout keys: env, the --env given (None: unknown)."""
+    for name, game in envs.GAMES.items():
+        if game.readout and next(iter(game.readout)) in log[-1]:
+            return name
+    return env
+
+def readout_keys(env):
+    return envs.GAMES[env].readout if env in envs.GAMES else {}
 
 def plot_references(ax, env):
-    """The welfare of each fixed strategy in self-play (envs.WELFARE_REFERENCE) as gray lines."""
-    for name, ref in envs.WELFARE_REFERENCE.get(env, {}).items():
+    """The welfare of each fixed strategy in self-play (the game's welfare_reference) as gray lines."""
+    for name, ref in (envs.GAMES[env].welfare_reference if env in envs.GAMES else {}).items():
         ax.axhline(ref, color="gray", lw=0.7, ls=":")
         ax.annotate(f"{name} x2 ({ref:g})", (0, ref), fontsize=7, color="gray", va="bottom")
 
@@ -224,7 +217,7 @@ def plot_run(run_dir, path=None, env=None):
     plt = _pyplot()
     log = read_log(run_dir)
     env = log_env(log, env)
-    claims = [k for k in envs.CLAIMS.get(env, ()) if k.startswith("claim") and k in log[-1]]
+    claims = [k for k in readout_keys(env) if k.startswith("claim") and k in log[-1]]
     rates = [k for k in ("coop", "invalid", "tells_hand") if k in log[-1]]
     mem = [r for r in log if "memory_one" in r]
     br = [r for r in log if "best_response" in r]
@@ -267,11 +260,11 @@ def smooth(y, k=10):
     """Trailing mean over the last k points (fewer at the start): per-iteration figures of 8 games are noisy."""
     return [sum(y[max(0, i - k + 1):i + 1]) / len(y[max(0, i - k + 1):i + 1]) for i in range(len(y))]
 
-def plot_compare(run_dirs, path, env="ipd"):
+def plot_compare(run_dirs, path, env=None):
     """Several runs of one game (read from the logs; env for logs from before the readouts) on one figure -> PNG.
     Welfare per iteration (faint) and its 10-iteration mean against the welfare of fixed strategies in self-play
-    (envs.WELFARE_REFERENCE); IPD adds the cooperation rate and the last memory-one readout; Split/TAS the trained
-    seat's reward, its claims by situation (envs.CLAIMS: linestyle per situation) and the rates (invalid moves;
+    (the game's welfare_reference); IPD adds the cooperation rate and the last memory-one readout; Split/TAS the trained
+    seat's reward, its claims by situation (its readout: linestyle per situation) and the rates (invalid moves;
     TAS: messages that name the own hand), all 10-iteration means."""
     plt = _pyplot()
     logs = [read_log(d) for d in run_dirs]
@@ -279,7 +272,7 @@ def plot_compare(run_dirs, path, env="ipd"):
     if len(games) > 1:
         sys.exit(f"error: --plot: these runs are of different games ({', '.join(games)}): plot each game apart")
     env = games[0] if games else None
-    ipd = env == "ipd"
+    ipd = env in envs.GAMES and envs.GAMES[env].memory_one         # the IPD: cooperation and memory-one panels
     fig, axes = plt.subplots(1, 3 if ipd else 4, figsize=(15 if ipd else 20, 4))
     plot_references(axes[0], env)
     styles = ("-", "--", ":")
@@ -298,10 +291,10 @@ def plot_compare(run_dirs, path, env="ipd"):
                              color=c, label=f"{name} (iter {mem[-1]['iter']})")
             continue
         axes[1].plot(it, smooth([r["reward_trained"] for r in log]), color=c, label=name)
-        claim_keys = [k for k in envs.CLAIMS.get(env, ()) if k.startswith("claim") and k in log[-1]]
+        claim_keys = [k for k in readout_keys(env) if k.startswith("claim") and k in log[-1]]
         for k, ls in zip(claim_keys, styles):
             axes[2].plot(it, smooth([r.get(k, float("nan")) for r in log]), color=c, ls=ls, label=f"{name}: {k}")
-        rates = ["invalid"] + [k for k in envs.CLAIMS.get(env, ()) if not k.startswith("claim") and k in log[-1]]
+        rates = ["invalid"] + [k for k in readout_keys(env) if not k.startswith("claim") and k in log[-1]]
         for k, ls in zip(rates, styles):
             axes[3].plot(it, smooth([r.get(k, float("nan")) for r in log]), color=c, ls=ls, label=f"{name}: {k}")
     axes[0].set_title("welfare per round (line: 10-iteration mean)")
@@ -338,7 +331,7 @@ def main(argv=None):
             return (action.help or "") + (" (default: %(default)s)" if shown else "")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help,
                                  epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--env", default="ipd", choices=envs.GAMES, help="the game (--plot reads it from the logs)")
+    ap.add_argument("--env", choices=list(envs.GAMES), help="the game (default: ipd; --plot reads it from the logs)")
     ap.add_argument("--a", help="POLICY in seat a")
     ap.add_argument("--b", help="POLICY in seat b (default: same as a, self-play)")
     ap.add_argument("--n_games", type=int, default=32, help="games per face-off (2 trajectories each)")
@@ -369,7 +362,8 @@ def main(argv=None):
     ap.add_argument("--plot_file", default="", help="--plot: where the figure goes instead")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
     args = ap.parse_args(argv)
-    train.use_cpu_threads()
+    plot_env, args.env = args.env, args.env or "ipd"                  # --plot: the logs say which game, unless --env
+    devices.use_cpu_threads()
     if args.n_games < 1 or args.n_rounds < 1 or args.group_size < 1 or args.n_games % args.group_size:
         ap.error("need n_games >= 1, n_rounds >= 1 and n_games a multiple of group_size")
     if args.max_msg_tokens < 1:
@@ -393,15 +387,15 @@ def main(argv=None):
     cache = {}
     try:
         if args.plot:
-            path = (plot_run(args.plot[0], args.plot_file or None, args.env) if len(args.plot) == 1 else
-                    plot_compare(args.plot, args.plot_file or "compare.png", args.env))
+            path = (plot_run(args.plot[0], args.plot_file or None, plot_env) if len(args.plot) == 1 else
+                    plot_compare(args.plot, args.plot_file or "compare.png", plot_env))
             print(f"wrote {path}")
             if args.json:
                 print(json.dumps({"plot": path}))
         elif args.memory_one or args.best_response:
-            if args.env != "ipd" or not args.a:
+            if not envs.GAMES[args.env].memory_one or not args.a:
                 ap.error("--memory_one and --best_response need --env ipd and --a POLICY")
-            v = memory_one(make_policy(args.a, "ipd", args.device, cache, api))
+            v = memory_one(make_policy(args.a, args.env, args.device, cache, api))
             name, dist = nearest_classic(v)
             print("| opening | after CC | after CD | after DC | after DD |\n|---|---|---|---|---|\n| " +
                   " | ".join(f"{v[k]:.3f}" for k in MEMORY_ONE) + " |")

@@ -50,23 +50,6 @@ def config_from_hf(hf):
                   qk_norm=ARCHS[arch] == "qwen3")
 
 # -----------------------------------------------------------------------------
-# devices
-
-def check_device(dev):
-    """Raise ValueError with one line if dev is not a usable device of this torch build."""
-    try:
-        d = torch.device(dev)
-    except RuntimeError:
-        raise ValueError(f"--device {dev!r} is not a device: use cpu, cuda or cuda:N") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {dev} but this torch has no usable CUDA (build {torch.__version__}): "
-                         "use --device cpu, or install a CUDA build of torch")
-    if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {dev} but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if d.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {dev}: only cpu and cuda are supported")
-
-# -----------------------------------------------------------------------------
 # loading and saving
 
 EMBEDDED = "smollm2-135m"

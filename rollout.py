@@ -90,9 +90,10 @@ def decisions(node):
 class FixedPolicy:
     """A fixed strategy from envs.py (or anything with reply(game, player, text, rng) -> text)."""
     def __init__(self, env, name):
-        if name not in envs.STRATEGIES[env]:
-            raise ValueError(f"unknown {env} strategy {name!r}: choose from {', '.join(envs.STRATEGIES[env])}")
-        self.name, self.fn = name, envs.STRATEGIES[env][name]
+        strategies = envs.GAMES[env].strategies
+        if name not in strategies:
+            raise ValueError(f"unknown {env} strategy {name!r}: choose from {', '.join(strategies)}")
+        self.name, self.fn = name, strategies[name]
 
     def reply(self, game, p, text, rng):
         return self.fn(game, p, rng)
@@ -279,28 +280,24 @@ def pack(toks, games, seat_policy, group_size, n_rounds, first=0):
                    policy=torch.tensor([int(seat_policy[g][s]) for g in range(len(games)) for s in (0, 1)]),
                    games=games)
 
-def cooperation(ro):
-    """IPD: (N, T) bool, True where trajectory i cooperated in round t (rows as in the Rollout)."""
-    return torch.tensor([[i["moves"][s] == "A" for i in g.info] for g in ro.games for s in (0, 1)])
-
-def claims(ro, env):
-    """Split/TAS: what each trajectory claimed, by situation -> (N, K, 2) sum and count over its rounds, K as in
-    envs.CLAIMS[env] (envs.round_claims). Welfare-max Split keeps 10 / 5 / 0, greedy 10 / 10 / 10; in TAS honest
-    claims 10 / 0 and names its hand (1), greedy claims 10 / 10 and does not (0)."""
-    out = torch.zeros(2 * len(ro.games), len(envs.CLAIMS[env]), 2)
+def readout(ro, env):
+    """What each trajectory did, in the game's own terms (envs.Game.readout: IPD cooperation, Split / TAS claims by
+    situation) -> (N, T, K, 2): per round, the sum and count of each readout key (a key may not apply in a round)."""
+    game = envs.GAMES[env]
+    out = torch.zeros(2 * len(ro.games), len(ro.games[0].info) if ro.games else 0, len(game.readout), 2)
     for gi, g in enumerate(ro.games):
         for p in (0, 1):
-            for info in g.info:
-                for k, v in envs.round_claims(env, info, p):
-                    out[2 * gi + p, k] += torch.tensor([v, 1.0])
+            for t, info in enumerate(g.info):
+                for k, v in game.round_readout(info, p):
+                    out[2 * gi + p, t, k] += torch.tensor([v, 1.0])
     return out
 
-def claim_means(x, env):
-    """claims() of the rows to average, summed over rows first: (K, 2) -> {key: mean} (keys never seen left out)."""
-    return {k: (s / n).item() for k, (s, n) in zip(envs.CLAIMS[env], x) if n > 0}
+def readout_means(x, env):
+    """readout() summed down to (K, 2) -> {key: mean} (keys never seen left out)."""
+    return {k: (s / n).item() for k, (s, n) in zip(envs.GAMES[env].readout, x) if n > 0}
 
 # -----------------------------------------------------------------------------
-# exact action probabilities (the memory-one readout of SPEC 4)
+# exact action probabilities: the IPD's memory-one readout
 
 MEMORY_ONE = ("opening", "cc", "cd", "dc", "dd")
 
@@ -313,7 +310,7 @@ def memory_one(pol, n_samples=2000):
     situations = [None, ("A", "A"), ("A", "B"), ("B", "A"), ("B", "B")]
     games, texts = [], []                         # texts: what player 0 reads before its first and second move
     for hist in situations:
-        g = envs.make_game("ipd", 0, 2)
+        g = envs.IPD(0, 2)
         texts.append([g.observe(0)])
         if hist:
             g.act(0, f"<{hist[0]}>"); g.act(1, f"<{hist[1]}>")

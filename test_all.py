@@ -275,7 +275,7 @@ def test_split_profiles_and_tas_hands():
         assert all(h[0] != h[1] for h in (i["hands"] for i in g.info))
     assert len(pairs) == 6
     for env in ("split", "tas"):  # same seed, different play: same environment draws
-        g1, g2 = E.play_fixed(env, "greedy", "greedy", 7), E.play_fixed(env, list(E.STRATEGIES[env])[1], "greedy", 7)
+        g1, g2 = E.play_fixed(env, "greedy", "greedy", 7), E.play_fixed(env, list(E.GAMES[env].strategies)[1], "greedy", 7)
         key = "values" if env == "split" else "hands"
         assert [i[key] for i in g1.info] == [i[key] for i in g2.info]
 
@@ -290,7 +290,7 @@ def test_reference_values():
         for vals in E.Split.PROFILES:
             g = E.make_game("split", 0, 1)
             g.values = vals
-            g.act(0, E.STRATEGIES["split"][a](g, 0, None)); g.act(1, E.STRATEGIES["split"][b](g, 1, None))
+            g.act(0, E.GAMES["split"].strategies[a](g, 0, None)); g.act(1, E.GAMES["split"].strategies[b](g, 1, None))
             tot = [tot[p] + g.rewards[0][p] / 12 for p in (0, 1)]
         return tot
     assert split_exact("welfare_max", "welfare_max") == pytest.approx([127.5, 127.5])
@@ -302,7 +302,7 @@ def test_reference_values():
             g = E.make_game("tas", 0, 1)
             g.hands = hands
             g.phase, g.pending, g.moves = "action", [0, 1], {}   # skip the messages: straight to proposals
-            g.act(0, E.STRATEGIES["tas"][a](g, 0, None)); g.act(1, E.STRATEGIES["tas"][b](g, 1, None))
+            g.act(0, E.GAMES["tas"].strategies[a](g, 0, None)); g.act(1, E.GAMES["tas"].strategies[b](g, 1, None))
             tot = [tot[p] + g.rewards[0][p] / 6 for p in (0, 1)]
         return tot
     assert tas_exact("honest", "honest") == pytest.approx([50, 50])
@@ -332,7 +332,7 @@ def test_ipd_strategies_follow_their_definitions():
         g, rng = E.make_game("ipd", 0, len(script)), random.Random(seed)
         out = []
         for t in range(len(script)):
-            out.append(E.IPD.parse(E.STRATEGIES["ipd"][name](g, 0, rng)))
+            out.append(E.IPD.parse(E.GAMES["ipd"].strategies[name](g, 0, rng)))
             g.act(0, f"<{out[-1]}>"); g.act(1, f"<{script[t]}>")
         return "".join(out)
     prev = "A" + script[:-1]
@@ -647,9 +647,57 @@ def test_train_smoke(tiny_dir, tmp_path, env, algo):
     assert [r["iter"] for r in log] == [0, 1] and all(math.isfinite(r["loss"]) for r in log)
     assert os.path.exists(tmp_path / "o" / "ckpt" / "model.safetensors")
     for r in log if env != "ipd" else ():                       # the trained seats' claims readout is logged
-        seen = {k: r[k] for k in E.CLAIMS[env] if k in r}
+        seen = {k: r[k] for k in E.GAMES[env].readout if k in r}
         assert seen and all(0 <= v <= (1 if k == "tells_hand" else 10) for k, v in seen.items())
         assert env != "split" or {"claim_more", "claim_less"} <= set(seen)    # every round has both kinds of item
+
+class StagHunt(E.Game):
+    """A game added the way the README's "Add a game" says: one class, its strategies, its name in envs.GAMES."""
+    phase = "action"
+    intro = ("Each round you and another agent choose <S> or <H> at the same time. Both <S>: 4 points each. <H>: 3 "
+             "points whatever the other does. <S> against <H>: 0. Maximize your total points. Answer with exactly "
+             "<S> or <H>.")
+    defaults = dict(n_games=2, group_size=1, beta=0.5, gamma=0.9, reward_scale=1 / 4, kl_coef=0.0, entropy_coef=0.0,
+                    buffer_fixed="hare", buffer_fixed_prob=0.5)
+    readout = {"stag": "stag rate"}
+    welfare_reference = {"stag": 8.0, "hare": 6.0}
+    strategies = {"stag": lambda g, p, rng: "<S>", "hare": lambda g, p, rng: "<H>"}
+    round_readout = staticmethod(lambda info, p: [(0, float(info["moves"][p] == "S"))])
+    describe_round = staticmethod(lambda info: [f"- moves: {info['moves']}"])
+
+    def start_round(self):
+        self.pending, self.moves = [0, 1], {}
+
+    def options(self, p):
+        return ["<S>", "<H>"]
+
+    def advance(self):
+        parsed = [{"<S>": "S", "<H>": "H"}.get(self.moves[p].strip()) for p in (0, 1)]
+        moves = tuple(m or "H" for m in parsed)
+        self.rewards.append(tuple(4 if moves == ("S", "S") else 3 if moves[p] == "H" else 0 for p in (0, 1)))
+        self.invalid.append(tuple(m is None for m in parsed))
+        self.info.append({"moves": moves})
+        self.round += 1
+        self.done = self.round >= self.n_rounds
+        if not self.done:
+            for p in (0, 1):
+                self.inbox[p] = f"The other agent played <{moves[1 - p]}>."
+            self.start_round()
+
+def test_a_game_added_in_envs_trains_and_evaluates(tiny_dir, tmp_path, monkeypatch, capsys):
+    """A game registered in envs.GAMES, and nothing else edited, trains with AA (its defaults, its fixed strategy
+    in the agent buffer, its readout in the log) and plays face-offs and transcripts in eval.py."""
+    monkeypatch.setitem(E.GAMES, "stag", StagHunt)
+    log = run_train(["--env", "stag", "--max_iters", "2", "--model_name", tiny_dir, "--n_rounds", "3",
+                     "--out_dir", str(tmp_path / "o")])
+    assert [r["iter"] for r in log] == [0, 1] and all(0 <= r["stag"] <= 1 and math.isfinite(r["loss"]) for r in log)
+    cfg = TR.resolve(TR.defaults() | {"env": "stag"})
+    assert (cfg["n_games"], cfg["reward_scale"], cfg["buffer_fixed"]) == (2, 0.25, "hare")
+    EV.main(["--env", "stag", "--a", "stag", "--b", "hare", "--n_games", "2", "--transcript", "1",
+             "--transcript_file", str(tmp_path / "t.md"), "--json"])
+    fig = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (fig["reward_a"], fig["reward_b"], fig["stag_a"], fig["stag_b"]) == (0.0, 3.0, 1.0, 0.0)
+    assert "- moves: ('S', 'H')" in open(tmp_path / "t.md").read() or "- moves: ('H', 'S')" in open(tmp_path / "t.md").read()
 
 def test_policy_from_another_game_is_noted(tiny_dir, tmp_path, capsys):
     """A checkpoint trained on one game, played in another (eval.py's --env, train.py's --opponent): one note says
@@ -1048,8 +1096,8 @@ def test_one_game_faceoff_has_no_nan():
 
 def test_welfare_reference_lines_are_the_games_values():
     """The reference lines drawn on learning curves are what those fixed strategies score in self-play."""
-    for env, refs in E.WELFARE_REFERENCE.items():
-        for name, welfare in refs.items():
+    for env, game in E.GAMES.items():
+        for name, welfare in game.welfare_reference.items():
             pol = R.FixedPolicy(env, name)
             fig = EV.faceoff(env, pol, pol, 240)[0]                         # Split's values are random: 3 s.e.
             assert fig["welfare"] == pytest.approx(welfare, abs=3 * fig["se_welfare"] + 1e-9), (env, name)

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import envs                                    # noqa: E402
 import train                                   # noqa: E402
 from load import load_model                   # noqa: E402
-from envs import round_claims                          # noqa: E402
+from envs import GAMES                                 # noqa: E402
 from rollout import LMPolicy, rollout                  # noqa: E402
 
 ALGOS = ("naive", "sum", "adalign")
@@ -39,7 +39,7 @@ def corr(a, b):
 def features(env, info, p):
     """What player p did in one round -> 3 numbers (nan where the situation did not occur)."""
     by_k = {}
-    for k, v in round_claims(env, info, p):
+    for k, v in GAMES[env].round_readout(info, p):
         by_k.setdefault(k, []).append(v)
     mean = {k: sum(v) / len(v) for k, v in by_k.items()}
     if env == "split":                                  # less (k 2), more (k 0), all three
@@ -82,8 +82,8 @@ def marginal_welfare(info, p):
     more (the other's claim fixed) -> [(k: 0 worth more to p / 1 as much / 2 less, fits: the claims then still
     sum to 10 or less, dW)]."""
     out = []
-    for (k, a), mine, theirs, b in zip(round_claims("split", info, p), info["values"][p], info["values"][1 - p],
-                                       info["claims"][1 - p]):                   # k: round_claims' situation
+    for (k, a), mine, theirs, b in zip(GAMES["split"].round_readout(info, p), info["values"][p], info["values"][1 - p],
+                                       info["claims"][1 - p]):                   # k: round_readout's situation
         if a < 10:
             w = lambda x: sum(g * v for g, v in zip(envs.proportional(x, b), (mine, theirs)))
             out.append((k, a + 1 + b <= 10, w(a + 1) - w(a)))

@@ -3,6 +3,7 @@ one update of each profiled. `python results/scripts/gpu_update_diag.py`; on a C
 import os, statistics, sys, time
 import torch
 sys.path.insert(0, ".")
+import devices
 import train
 from load import load_model
 from rollout import LMPolicy, rollout
@@ -21,7 +22,7 @@ credit, _ = train.compute_credits(ro.rewards, trained, cfg)
 opt = torch.optim.Adam(model.parameters(), lr=0.0)
 model.train()
 c = cfg | {"skip_no_signal": False}
-mt, L = train.micro_batch_tokens(cfg, model), int(ro.length.max())
+mt, L = devices.micro_batch_tokens(cfg, model), int(ro.length.max())
 mb = train.micro_batches(trained.nonzero().flatten().tolist(), ro.length, mt)
 P = train.shared_prefix(ro.ids[mb[0], :L], (ro.decision & trained[:, None])[mb[0], :L])
 print("micro_tokens", mt, "n_mb", len(mb), "L", L, "P", P, flush=True)

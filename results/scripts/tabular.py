@@ -35,7 +35,6 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import advantage                      # noqa: E402
 import envs                           # noqa: E402
-from train import ENV_DEFAULTS        # noqa: E402
 
 PROFILES = torch.tensor(envs.Split.PROFILES, dtype=torch.float)   # (12, 2, 3): player 0's and 1's unit values
 HAND_PAIRS = torch.tensor([(a, b) for a in range(3) for b in range(3) if a != b])   # (6, 2); 0 rock 1 paper 2 scissors
@@ -100,7 +99,7 @@ def readout(env, tables):
 def train_tabular(env, algo, beta, seed, iters=300, start_p10=0.0, start_truthful=0.0, n_games=128, n_rounds=10, lr=0.1,
                   log_every=0):
     """Two independent learners with train.py's credits. -> welfare per round (last 20 iterations), tables."""
-    d = ENV_DEFAULTS["tas" if env == "tas_silent" else env]
+    d = envs.GAMES[env].defaults
     gen = torch.Generator().manual_seed(seed)
     shape = {"split": (2, 3, 3, 11), "tas": (2, 3, 3, 3, 11), "tas_silent": (2, 3, 3, 1, 11)}[env]
     claim = torch.zeros(shape)
@@ -150,7 +149,7 @@ def main():
         for b in range(11):
             got = shares(torch.tensor(float(a)), torch.tensor(float(b)))
             assert all(abs(x.item() - y) < 1e-5 for x, y in zip(got, envs.proportional(a, b)))
-    d = ENV_DEFAULTS["tas" if args.env == "tas_silent" else args.env]
+    d = envs.GAMES[args.env].defaults
     betas = args.beta or [d["beta"]]
     t0 = time.time()
     ref = "welfare-max 255, greedy 165" if args.env == "split" else "honest cooperators 100, both claiming 10: 55"
