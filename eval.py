@@ -32,7 +32,6 @@ import devices
 import envs
 import rundir
 import train
-from devices import check_device
 from load import load_model
 from remote import ApiPolicy, HumanPolicy
 from rollout import MEMORY_ONE, FixedPolicy, LMPolicy, memory_one, readout, readout_means, rollout
@@ -380,7 +379,7 @@ def main(argv=None):
         if f and not os.path.isdir(os.path.dirname(os.path.abspath(f))):
             ap.error(f"{flag} {f}: its directory does not exist")
     try:
-        check_device(args.device)
+        devices.check_device(args.device)
     except ValueError as err:
         sys.exit(f"error: {err}")
     api = dict(timeout=args.api_timeout, retries=args.api_retries, max_reply_chars=args.api_max_reply_chars)

@@ -17,7 +17,7 @@ import model as M
 torch.set_num_threads(2)
 
 # -----------------------------------------------------------------------------
-# model.py
+# model.py and load.py
 
 def tiny_hf(arch):
     """A tiny randomly initialized transformers model of one family, built offline."""
@@ -280,7 +280,7 @@ def test_split_profiles_and_tas_hands():
         assert [i[key] for i in g1.info] == [i[key] for i in g2.info]
 
 def test_reference_values():
-    """SPEC 2.1-2.3 reference values, exactly (deterministic strategies; all 12 Split profiles and all 6
+    """The paper's reference values of the three games, exactly (deterministic strategies; all 12 Split profiles and all 6
     TAS hand pairs enumerated)."""
     assert mean_per_round("ipd", "tit_for_tat", "defector", [0]) == pytest.approx((0.9, 1.4))
     assert mean_per_round("ipd", "defector", "cooperator", [0]) == (5, 0)
@@ -442,7 +442,7 @@ def test_advantage_functions_equal_double_loops(B, T, gamma, gsize):
         A.credits("ppo", a1, a2)
 
 def test_aa_hand_computed_case():
-    """SPEC 3.3: a1 = [1, 2, 3, 4], gamma 0.5 gives released weights [0, .25, .625, 1.0625]."""
+    """AA's credit as the released code weights it: a1 = [1, 2, 3, 4], gamma 0.5 gives released weights [0, .25, .625, 1.0625]."""
     a1 = torch.tensor([[1.0, 2, 3, 4]])
     w = A.aa_credits(a1, torch.ones_like(a1), 1.0, 0.5) - a1
     assert torch.allclose(w, torch.tensor([[0, 0.25, 0.625, 1.0625]]))
@@ -537,7 +537,7 @@ def test_credit_check_marginal_welfare_by_hand():
     assert abs(other[0][2] - (900 / 18 - 890 / 17)) < 1e-9 and abs(other[1][2] - 1.0) < 1e-9   # 10 vs 8, 9 vs 8 hats
 
 # -----------------------------------------------------------------------------
-# rollout.py and train.py
+# rollout.py, train.py and configurator.py; a game added in envs.py
 
 import engine as EN
 import remote as RM
@@ -775,7 +775,7 @@ def test_games_and_groups_defaults():
 import eval as EV
 
 def test_faceoffs_reproduce_reference_values():
-    """Fixed-vs-fixed face-offs through rollout.py match SPEC 2 within sampling error."""
+    """Fixed-vs-fixed face-offs through rollout.py match the games' reference values within sampling error."""
     fig = EV.faceoff("ipd", R.FixedPolicy("ipd", "tit_for_tat"), R.FixedPolicy("ipd", "defector"), 8)[0]
     assert fig["reward_a"] == pytest.approx(0.9) and fig["reward_b"] == pytest.approx(1.4) and fig["coop_a"] == pytest.approx(0.1)
     assert fig["coop_by_round_a"] == [1.0] + [0.0] * 9 and fig["coop_by_round_b"] == [0.0] * 10
@@ -796,7 +796,7 @@ def test_memory_one_readout(smol):
     assert set(v) == set(R.MEMORY_ONE) and all(0 < x < 1 for x in v.values())
 
 def test_best_response_references():
-    """The DP exploiter of a memory-one policy reproduces the hand-computed values (SPEC's references)."""
+    """The DP exploiter of a memory-one policy reproduces the hand-computed values (tit-for-tat's 3.20 / 2.70 among them)."""
     ref = {(1, 1, 0, 1, 0): (3.2, 2.7), (1, 1, 1, 1, 1): (5.0, 0.0), (0, 0, 0, 0, 0): (1.0, 1.0),
            (1, 1, 0, 0, 0): (3.2, 2.7),   # grim trigger: cooperate 9 rounds, defect in the last
            (0.5, 0.5, 0.5, 0.5, 0.5): (3.0, 0.5)}  # a coin: always defect (5 or 1, half each)
@@ -929,7 +929,7 @@ def test_non_finite_loss_skips_the_step(tiny_dir):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 # -----------------------------------------------------------------------------
-# run directories: nothing lost, nothing silently wrong
+# rundir.py: run directories, nothing lost, nothing silently wrong
 
 def test_out_dir_is_safe(tiny_dir, tmp_path):
     """A fresh run refuses an out_dir holding a run (unless --overwrite), a live lock stops a second run, an
@@ -1121,13 +1121,13 @@ def test_message_budget_default_is_one_number():
     assert f"--max_msg_tokens\", type=int, default={TR.max_msg_tokens}," in open(EV.__file__).read()
 
 def test_faceoff_matrix_cells(capsys):
-    """eval.py --matrix: each cell is the row player's reward against the column player (SPEC 2 values)."""
+    """eval.py --matrix: each cell is the row player's reward against the column player (the games' reference values)."""
     EV.main(["--env", "ipd", "--matrix", "tit_for_tat,defector,cooperator", "--n_games", "4", "--json"])
     M = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["matrix"]
     assert M == [pytest.approx(r) for r in ([3.0, 0.9, 3.0], [1.4, 1.0, 5.0], [3.0, 0.0, 3.0])]
     EV.main(["--env", "tas", "--matrix", "honest,greedy", "--n_games", "4", "--json"])
     M = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["matrix"]
-    assert M[0][0] == pytest.approx(50.0) and M[1][1] == pytest.approx(27.5)   # self-play: both seats (SPEC 2.3)
+    assert M[0][0] == pytest.approx(50.0) and M[1][1] == pytest.approx(27.5)   # self-play: both seats (TAS's references)
 
 def test_plot_draws_the_claims_readout(tmp_path):
     """--plot A B for TAS: one line per run and situation in the claims panel (a renamed log key would drop it),
@@ -1272,7 +1272,7 @@ def test_cuda_matches_cpu(smol):
     assert torch.equal(ro_gpu.ids, ro_cpu.ids)
 
 # -----------------------------------------------------------------------------
-# the rollout engine
+# engine.py: the fast decoder samples what rollout.plain_reply samples
 
 @pytest.mark.parametrize("env", ["ipd", "split", "tas"])
 def test_engine_samples_what_a_plain_decode_samples(tiny_dir, env):
@@ -1527,7 +1527,7 @@ def test_exploit_resume_continues_the_run(tiny_dir, tmp_path, capsys):
     assert len(EV.read_log(tmp_path / "part")) == 1
 
 # -----------------------------------------------------------------------------
-# several processes (torchrun, gloo on the CPU)
+# devices.py: several processes (torchrun, gloo on the CPU)
 
 def test_torchrun_two_processes_equal_one(tiny_dir, tmp_path):
     """torchrun with 2 processes x 2 games plays the same games as 1 process x 4 games and takes the same
