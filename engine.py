@@ -156,7 +156,7 @@ def decode(pol, cache, tab, idx, lengths, rows, u, temperature, budget, end_tag,
     test that all rows are done. graphs: None, or a dict that keeps TurnStates by shape: then a turn of more
     than 3 steps attends over a fixed number of slots (its bound rounded up to 256), so on a GPU its step is
     captured once as a CUDA graph and replayed (on a CPU the same steps run eagerly: the tests' check of them).
-    The cache already has room for the turn (lm_turn). u (steps, R): the uniforms of each step.
+    The cache already has room for the turn (Seats.turn). u (steps, R): the uniforms of each step.
     -> the TurnState, its tok, logp and sampled_in filled."""
     dev, (steps, R), F = idx.device, u.shape, tab.chain.size(2)
     start = torch.full((R,), tab.DONE, dtype=torch.long)
