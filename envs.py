@@ -39,6 +39,7 @@ class Game:
     """The bookkeeping every game shares: inboxes of pending text, acting players, per-round records. A game also
     describes itself to train.py and eval.py (its class attributes below; IPD shows them filled in)."""
     intro = ""
+    phase = "action"          # "message" while a free-text message is expected (TAS), else "action"
     defaults = {}             # train.py's defaults for it (n_games, group_size, beta, gamma, reward_scale, kl_coef,
                               #   entropy_coef for AA, buffer_fixed, buffer_fixed_prob); see IPD
     paper_n_games = 64        # games per iteration in the paper (--preset paper)

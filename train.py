@@ -249,7 +249,7 @@ def print_line(it, m, stats, env, dt, t_roll, t_upd, n_tokens):
 # -----------------------------------------------------------------------------
 
 def main(argv):
-    # 0. config: the defaults < on --resume, the checkpoint's < the command line; then the game's defaults;
+    # setup. config: the defaults < on --resume, the checkpoint's < the command line; then the game's defaults;
     #    under torchrun, which process this is (one GPU each)
     cfg = parse_args(argv, defaults(), __doc__.split("Each iteration")[0], __file__)
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
@@ -263,9 +263,10 @@ def main(argv):
                  f"({cfg['group_size']}): each plays whole groups")
     if rank_dev and cfg["device"] in ("auto", "cuda"):
         cfg["device"] = rank_dev
-    dev, dt = cfg["device"], cfg["dtype"] = devices.pick_device_dtype(cfg["device"], cfg["dtype"])
+    cfg["device"], cfg["dtype"] = devices.pick_device_dtype(cfg["device"], cfg["dtype"])
+    dev, dt = cfg["device"], cfg["dtype"]
     torch.manual_seed(cfg["seed"])
-    # 1. the policy; the other seat's policies and the KL term's frozen initial model, before out_dir is touched
+    # setup. the policy; the other seat's policies and the KL term's frozen initial model, before out_dir is touched
     #    (a bad --opponent leaves no run directory behind); the run directory; the optimizer
     try:
         model, tok = load_dir(ckpt, dev, torch.float32) if state else load_model(cfg["model_name"], dev, torch.float32)
@@ -288,7 +289,8 @@ def main(argv):
     for it in range(start, cfg["max_iters"]):
         t0 = time.time()
         gen = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + it)
-        # 1. who plays which seat: the trained seat alternates by group; the other is self, a snapshot or fixed
+        # 1. who plays which seat: the trained seat alternates by group; the other is self, a snapshot (loaded into
+        #    opp_model here) or a fixed strategy
         policies, seat_policy, trained = assign_seats(G, cfg, live, opp, fixed, opp_model, snapshots, gen)
         # 2. play
         model.eval()
