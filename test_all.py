@@ -274,9 +274,8 @@ def test_split_profiles_and_tas_hands():
         assert all(starters[t] != starters[t + 1] for t in range(9))
         assert all(h[0] != h[1] for h in (i["hands"] for i in g.info))
     assert len(pairs) == 6
-    for env in ("split", "tas"):  # same seed, different play: same environment draws
+    for env, key in (("split", "values"), ("tas", "hands")):  # same seed, different play: same environment draws
         g1, g2 = E.play_fixed(env, "greedy", "greedy", 7), E.play_fixed(env, list(E.GAMES[env].strategies)[1], "greedy", 7)
-        key = "values" if env == "split" else "hands"
         assert [i[key] for i in g1.info] == [i[key] for i in g2.info]
 
 def test_reference_values():
@@ -568,17 +567,19 @@ def play(tiny_dir, env, n_games=4, group_size=2, seed=0, fixed=None, n_rounds=3)
     return R.rollout(env, pols, sp, n_games, seed=seed, group_size=group_size, n_rounds=n_rounds,
                      max_msg_tokens=12), tok
 
-@pytest.mark.parametrize("env", ["ipd", "split", "tas"])
-def test_rollout_masks_rounds_and_seats(tiny_dir, env):
+@pytest.mark.parametrize("env,fixed,turns,move,draws", [("ipd", "tit_for_tat", 1, "moves", None),
+                                                       ("split", None, 1, "claims", "values"),
+                                                       ("tas", None, 2, "claims", "hands")])
+def test_rollout_masks_rounds_and_seats(tiny_dir, env, fixed, turns, move, draws):
     """Sampled-token masks decode exactly to the moves the game recorded, round indices and seats are
     right (tas: both messages and the proposal of a round share its index), groups share seeds."""
-    ro, tok = play(tiny_dir, env, fixed="tit_for_tat" if env == "ipd" else None)
+    ro, tok = play(tiny_dir, env, fixed=fixed)
     eot = R.Chat(tok).eot
     for i in range(ro.ids.size(0)):
         g, s = ro.games[i // 2], i % 2
         assert ro.seat[i] == s and ro.game[i] == i // 2 and ro.group[i] == i // 4
         n = int(ro.length[i])
-        if env == "ipd" and s == 1:      # the fixed strategy's seat has no tokens
+        if fixed and s == 1:             # the fixed strategy's seat has no tokens
             assert n == 0 and not ro.action_mask[i].any()
             continue
         assert (ro.token_round[i, :n] >= 0).all() and (ro.token_round[i, n:] == -1).all()
@@ -586,26 +587,20 @@ def test_rollout_masks_rounds_and_seats(tiny_dir, env):
         for t in range(3):
             sel = ro.action_mask[i] & (ro.token_round[i] == t)
             ids = ro.ids[i][sel].tolist()
-            turns, cur = [], []
+            texts, cur = [], []
             for x in ids:                                   # split the round's sampled tokens at end-of-turn
                 cur.append(x)
                 if x == eot:
-                    turns.append(tok.decode(cur[:-1])); cur = []
-            assert not cur and ids[-1] == eot
-            action = turns[-1]
-            if env == "ipd":
-                assert len(turns) == 1 and E.IPD.parse(action) == g.info[t]["moves"][s]
-            elif env == "split":
-                assert len(turns) == 1 and E.Split.parse(action) == g.info[t]["claims"][s]
-            else:
-                assert len(turns) == 2 and E.TAS.parse(action) == g.info[t]["claims"][s]
-                assert E.TAS.message_text(turns[0]) == g.info[t]["messages"][s]
+                    texts.append(tok.decode(cur[:-1])); cur = []
+            assert not cur and ids[-1] == eot and len(texts) == turns
+            assert E.GAMES[env].parse(texts[-1]) == g.info[t][move][s]
+            if turns == 2:                                  # tas: the message, then the proposal
+                assert E.TAS.message_text(texts[0]) == g.info[t]["messages"][s]
     assert not ro.invalid.any()
-    key = {"ipd": None, "split": "values", "tas": "hands"}[env]
-    if key:
+    if draws:
         for a in range(0, 4, 2):
-            assert [x[key] for x in ro.games[a].info] == [x[key] for x in ro.games[a + 1].info]
-    ro2, _ = play(tiny_dir, env, fixed="tit_for_tat" if env == "ipd" else None)
+            assert [x[draws] for x in ro.games[a].info] == [x[draws] for x in ro.games[a + 1].info]
+    ro2, _ = play(tiny_dir, env, fixed=fixed)
     assert torch.equal(ro.ids, ro2.ids)                     # same seed, same games
 
 def test_unconstrained_sampling_counts_invalid(tiny_dir):
@@ -646,10 +641,10 @@ def test_train_smoke(tiny_dir, tmp_path, env, algo):
                      "--out_dir", str(tmp_path / "o")])
     assert [r["iter"] for r in log] == [0, 1] and all(math.isfinite(r["loss"]) for r in log)
     assert os.path.exists(tmp_path / "o" / "ckpt" / "model.safetensors")
-    for r in log if env != "ipd" else ():                       # the trained seats' claims readout is logged
+    for r in log:                                                # the trained seats' readout is logged
         seen = {k: r[k] for k in E.GAMES[env].readout if k in r}
-        assert seen and all(0 <= v <= (1 if k == "tells_hand" else 10) for k, v in seen.items())
-        assert env != "split" or {"claim_more", "claim_less"} <= set(seen)    # every round has both kinds of item
+        assert seen and all(0 <= v <= (1 if k in ("coop", "tells_hand") else 10) for k, v in seen.items())
+        assert "claim_more" not in E.GAMES[env].readout or {"claim_more", "claim_less"} <= set(seen)  # Split: both kinds
 
 class StagHunt(E.Game):
     """A game added the way the README's "Add a game" says: one class, its strategies, its name in envs.GAMES."""
@@ -1203,7 +1198,7 @@ def test_random_shapes():
     with pytest.raises(ValueError, match="unknown random"):
         LD.load_model("random:gpt5")
 
-@pytest.mark.parametrize("env,baseline", [("ipd", "true"), ("tas", "false")])
+@pytest.mark.parametrize("env,baseline", [("ipd", "true"), ("tas", "false")])   # TAS: messages, so decode steps
 def test_bench_runs_and_reports(tiny_dir, env, baseline, monkeypatch, capsys):
     """bench.py end to end on a tiny model: its last line is JSON with the figures the README quotes."""
     import bench
@@ -1215,7 +1210,7 @@ def test_bench_runs_and_reports(tiny_dir, env, baseline, monkeypatch, capsys):
               "bandwidth_util", "train_s", "train_tok_s", "rollout_mfu", "train_mfu", "peak_mem_gib"):
         assert k in res, k
     assert res["rollout_s"] > 0 and res["train_s"] > 0 and res["engine_overhead"] > 0
-    if env == "tas":
+    if baseline == "false":
         assert res["n_decode_steps"] > 0 and res["decode_step_ms"] > 0 and res["bandwidth_util"] > 0
     else:
         assert res["rollout_ratio"] > 0 and res["train_ratio"] > 0
@@ -1244,7 +1239,7 @@ def test_cuda_train_iteration(tiny_dir, tmp_path, env, algo):
     its messages decoded by CUDA graphs)."""
     log = run_train(["--env", env, "--algo", algo, "--max_iters", "1", "--model_name", tiny_dir, "--n_games", "4",
                      "--group_size", "2", "--n_rounds", "2", "--max_msg_tokens", "8", "--device", "cuda",
-                     "--out_dir", str(tmp_path / "o"), "--cuda_graph", str(env == "tas").lower()])
+                     "--out_dir", str(tmp_path / "o"), "--cuda_graph", str(E.GAMES[env].turns_per_round > 1).lower()])
     assert len(log) == 1 and math.isfinite(log[0]["loss"])
 
 @cuda
@@ -1350,7 +1345,7 @@ def test_fixed_shape_decode_samples_the_same(tiny_dir, dev):
     on CUDA the steps were captured and replayed."""
     model, tok = LD.load_dir(tiny_dir, dev, torch.float32)
     pol = R.LMPolicy(model, tok)
-    for env in ("tas", "split"):
+    for env in ["tas", "split"]:
         grew = plain_then_fixed_shape(pol, env, seed=6, n_rounds=3)
         assert grew["turns"] > 0
         if dev == "cuda":
@@ -1375,7 +1370,7 @@ def test_graph_replays_sample_the_same(tiny_dir, monkeypatch):
     monkeypatch.setattr(EN, "capture", fake_capture)
     model, tok = LD.load_dir(tiny_dir, "cpu", torch.float32)
     pol = R.LMPolicy(model, tok)
-    for env in ("tas", "split"):
+    for env in ["tas", "split"]:
         grew = plain_then_fixed_shape(pol, env, seed=7, n_rounds=4)
         assert 0 < grew["captures"] < grew["turns"] and grew["replays"] > 0
 
