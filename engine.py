@@ -255,7 +255,6 @@ class Tables:
     next: torch.Tensor           # (S+3, K) long
     chain: torch.Tensor          # (S+3, K, F) long
     chain_len: torch.Tensor      # (S+3, K) long
-    depth: int                   # the most decisions on any path (sampling steps of a turn)
     options: list                # per state: its allowed ids as a list (None = free), for the Rollout
     FREE: int
     EOT: int
@@ -302,16 +301,9 @@ def compile_trie(root, eot, dev):
             nxt[s, k] = index[id(end)] if end else DONE
     nxt[FREE] = FREE
     allowed[EOT, 0] = allowed[DONE, 0] = eot
-    depth = {}
-    def deep(node):
-        if not node:
-            return 0
-        if id(node) not in depth:
-            depth[id(node)] = 1 + max(deep(end_of(c)) for c in node.values())
-        return depth[id(node)]
     options = [list(n) for n in order] + [None, [eot], [eot]]
     return Tables(prefix=[t for t, _ in prefix], start=index[id(first)] if first else DONE, allowed=allowed.to(dev),
-                  next=nxt.to(dev), chain=chain.to(dev), chain_len=chain_len.to(dev), depth=deep(first),
+                  next=nxt.to(dev), chain=chain.to(dev), chain_len=chain_len.to(dev),
                   options=options, FREE=FREE, EOT=EOT, DONE=DONE)
 
 def end_tag_table(tok, tag, dev):
