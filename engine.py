@@ -260,49 +260,43 @@ class Tables:
     EOT: int
     DONE: int
 
-def follow_forced(node):
-    """[(token, node after it)] along the chain of single-child trie nodes starting at node."""
-    chain = []
+def forced_run(node):
+    """-> (the tokens forced from node on, i.e. along single-child trie nodes; the node where a choice comes)."""
+    run = []
     while len(node) == 1:
-        tok, node = next(iter(node.items()))
-        chain.append((tok, node))
-    return chain
+        t, node = next(iter(node.items()))
+        run.append(t)
+    return run, node
 
 def compile_trie(root, eot, dev):
-    """A trie {token: child} (leaves are {}) -> Tables; root None compiles free text only."""
-    root = root or {}
-    prefix = follow_forced(root)
-    first = prefix[-1][1] if prefix else root
+    """A trie {token: child} (leaves are {}) -> Tables; root {} compiles free text only."""
+    prefix, first = forced_run(root)
     order, index = [], {}
-    def end_of(child):                                            # the node a forced run from child stops at
-        run = follow_forced(child)
-        return run[-1][1] if run else child
     def visit(node):
         if node and id(node) not in index:
             index[id(node)] = len(order)
             order.append(node)
             for child in node.values():
-                visit(end_of(child))
+                visit(forced_run(child)[1])
     visit(first)
     S = len(order)
     FREE, EOT, DONE = S, S + 1, S + 2
     K = max([len(n) for n in order] + [1])
-    F = max([len(follow_forced(c)) for n in order for c in n.values()] + [0])
+    F = max([len(forced_run(c)[0]) for n in order for c in n.values()] + [0])
     allowed = torch.full((S + 3, K), -1, dtype=torch.long)
     nxt = torch.full((S + 3, K), DONE, dtype=torch.long)
     chain = torch.full((S + 3, K, F), -1, dtype=torch.long)
     chain_len = torch.zeros(S + 3, K, dtype=torch.long)
     for s, node in enumerate(order):
         for k, (tok, child) in enumerate(node.items()):
-            run = [t for t, _ in follow_forced(child)]
+            run, end = forced_run(child)
             allowed[s, k], chain_len[s, k] = tok, len(run)
             chain[s, k, :len(run)] = torch.tensor(run, dtype=torch.long)
-            end = end_of(child)
             nxt[s, k] = index[id(end)] if end else DONE
     nxt[FREE] = FREE
     allowed[EOT, 0] = allowed[DONE, 0] = eot
     options = [list(n) for n in order] + [None, [eot], [eot]]
-    return Tables(prefix=[t for t, _ in prefix], start=index[id(first)] if first else DONE, allowed=allowed.to(dev),
+    return Tables(prefix=prefix, start=index[id(first)] if first else DONE, allowed=allowed.to(dev),
                   next=nxt.to(dev), chain=chain.to(dev), chain_len=chain_len.to(dev),
                   options=options, FREE=FREE, EOT=EOT, DONE=DONE)
 

@@ -81,8 +81,19 @@ class Game:
         if not self.to_act():
             self.advance()
 
+    def end_round(self, rewards, parsed, info, news):
+        """Record the round that just ended: (r0, r1), the parsed moves (None: invalid), its info. If the game goes
+        on, news[p] opens player p's next inbox and the next round starts."""
+        self.rewards.append(tuple(rewards))
+        self.invalid.append(tuple(m is None for m in parsed))
+        self.info.append(info)
+        self.round += 1
+        self.done = self.round >= self.n_rounds
+        if not self.done:
+            self.inbox = list(news)
+            self.start_round()
+
 class IPD(Game):
-    phase = "action"
     intro = ("You are playing a repeated game with another agent. Each round you both choose, at the same time, "
              "<A> or <B>. Points each round: both <A>: 3 each. Both <B>: 1 each. If one plays <B> and the other <A>, "
              "the <B> player gets 5 and the <A> player 0. Your goal is to maximize your total points.")
@@ -122,20 +133,12 @@ class IPD(Game):
     def advance(self):
         parsed = [self.parse(self.moves[p]) for p in (0, 1)]
         moves = tuple(m or "B" for m in parsed)
-        self.rewards.append(self.PAYOFF[moves])
-        self.invalid.append(tuple(m is None for m in parsed))
-        self.info.append({"moves": moves})
-        self.round += 1
-        self.done = self.round >= self.n_rounds
-        if not self.done:
-            for p in (0, 1):
-                self.inbox[p] = f"The other agent played <{moves[1 - p]}>."
-            self.start_round()
+        self.end_round(self.PAYOFF[moves], parsed, {"moves": moves},
+                       [f"The other agent played <{moves[1 - p]}>." for p in (0, 1)])
 
 ITEMS = ("hats", "books", "balls")
 
 class Split(Game):
-    phase = "action"
     intro = ("You and another agent split 10 hats, 10 books and 10 balls, again every round. Each of you values "
              "each item at 1 or 10 points per unit; values change every round and both players see both, listed as "
              "(hats, books, balls). Each of you proposes, at the same time, how many of each item to keep. If the two "
@@ -185,17 +188,9 @@ class Split(Game):
         claims = [c or (10, 10, 10) for c in parsed]
         got = [proportional(claims[0][i], claims[1][i]) for i in range(3)]
         r = tuple(sum(got[i][p] * self.values[p][i] for i in range(3)) for p in (0, 1))
-        self.rewards.append(r)
-        self.invalid.append(tuple(c is None for c in parsed))
-        self.info.append({"values": self.values, "claims": tuple(claims)})
-        self.round += 1
-        self.done = self.round >= self.n_rounds
-        if not self.done:
-            for p in (0, 1):
-                c = claims
-                self.inbox[p] = (f"Last round: you proposed {fmt3(c[p])} ({r[p]:.0f} points), the other agent "
-                                 f"{fmt3(c[1 - p])} ({r[1 - p]:.0f} points).")   # points rounded: fewer tokens
-            self.start_round()
+        self.end_round(r, parsed, {"values": self.values, "claims": tuple(claims)},   # points rounded: fewer tokens
+                       [f"Last round: you proposed {fmt3(claims[p])} ({r[p]:.0f} points), the other agent "
+                        f"{fmt3(claims[1 - p])} ({r[1 - p]:.0f} points)." for p in (0, 1)])
 
 def fmt3(c):
     """Three numbers in the order (hats, books, balls): '1, 10, 1'."""
@@ -295,17 +290,10 @@ class TAS(Game):
         claims = [10 if c is None else c for c in parsed]
         coins = proportional(*claims)
         r = tuple(coins[p] * (10 if self.upper(p) else 1) for p in (0, 1))
-        self.rewards.append(r)
-        self.invalid.append(tuple(c is None for c in parsed))
-        self.info.append({"hands": self.hands, "starter": self.starter, "messages": tuple(self.messages),
-                          "claims": tuple(claims)})
-        self.round += 1
-        self.done = self.round >= self.n_rounds
-        if not self.done:
-            for p in (0, 1):
-                self.inbox[p] = (f"Last round the other agent had the {'upper' if self.upper(1 - p) else 'lower'} "
-                                 f"hand and claimed {claims[1 - p]}.")
-            self.start_round()
+        self.end_round(r, parsed, {"hands": self.hands, "starter": self.starter, "messages": tuple(self.messages),
+                                   "claims": tuple(claims)},
+                       [f"Last round the other agent had the {'upper' if self.upper(1 - p) else 'lower'} hand and "
+                        f"claimed {claims[1 - p]}." for p in (0, 1)])
 
 class SilentTAS(TAS):
     """Trust-and-Split with no messages (does communication matter?): both propose right after seeing their hands."""
@@ -334,7 +322,6 @@ def ipd_best_response(m1, n_rounds=10):
     policy's own move first) by dynamic programming: the exploiter knows the horizon and sees every move,
     and picks each round's move from the last outcome. Ties go to cooperation. -> reward per round
     {exploiter, policy} under that best response."""
-    pay = {("A", "A"): (3, 3), ("A", "B"): (0, 5), ("B", "A"): (5, 0), ("B", "B"): (1, 1)}  # (policy, exploiter)
     states = ("opening", "cc", "cd", "dc", "dd")
     outcome = {"AA": "cc", "AB": "cd", "BA": "dc", "BB": "dd"}            # (policy's move, exploiter's move)
     V = {s: (0.0, 0.0) for s in states}                                  # (exploiter, policy) from round t on
@@ -347,8 +334,8 @@ def ipd_best_response(m1, n_rounds=10):
                 ex = po = 0.0
                 for m, pm in (("A", pc), ("B", 1 - pc)):                  # the policy's move
                     nxt = V[outcome[m + e]]
-                    ex += pm * (pay[(m, e)][1] + nxt[0])
-                    po += pm * (pay[(m, e)][0] + nxt[1])
+                    ex += pm * (IPD.PAYOFF[(m, e)][1] + nxt[0])     # (policy, exploiter)
+                    po += pm * (IPD.PAYOFF[(m, e)][0] + nxt[1])
                 if best is None or ex > best[0] + 1e-12:
                     best = (ex, po)
             new[s] = best

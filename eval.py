@@ -389,8 +389,7 @@ def main(argv=None):
             path = (plot_run(args.plot[0], args.plot_file or None, plot_env) if len(args.plot) == 1 else
                     plot_compare(args.plot, args.plot_file or "compare.png", plot_env))
             print(f"wrote {path}")
-            if args.json:
-                print(json.dumps({"plot": path}))
+            out = {"plot": path}
         elif args.memory_one or args.best_response:
             if not envs.GAMES[args.env].memory_one or not args.a:
                 ap.error("--memory_one and --best_response need --env ipd and --a POLICY")
@@ -405,8 +404,6 @@ def main(argv=None):
                 print(f"best response over {args.n_rounds} rounds (exploiter knows the horizon, sees every move): "
                       f"exploiter {br['exploiter']:.2f}, policy {br['policy']:.2f} per round")
                 out = {**br, "memory_one": v}
-            if args.json:
-                print(json.dumps(out))
         elif args.exploit:
             extra = args.exploit_args.split() + ["--n_rounds", str(args.n_rounds), "--device", args.device]
             log = exploit(args.env, args.exploit, args.iters, args.out_dir, extra, args.resume, args.overwrite)
@@ -415,9 +412,7 @@ def main(argv=None):
                 print(f"| {r['iter']} | {r['reward_trained']:.3f} | {r['reward_opponent']:.3f} |")
             plot = plot_run(args.out_dir, env=args.env) if importlib.util.find_spec("matplotlib") else "matplotlib missing"
             print(f"log: {args.out_dir}/log.jsonl; plot: {plot}")
-            if args.json:
-                print(json.dumps({"learner": [r["reward_trained"] for r in log],
-                                  "frozen": [r["reward_opponent"] for r in log]}))
+            out = {"learner": [r["reward_trained"] for r in log], "frozen": [r["reward_opponent"] for r in log]}
         elif args.matrix:
             names = [s for s in args.matrix.split(",") if s]
             pols = [make_policy(s, args.env, args.device, cache, api) for s in names]
@@ -431,8 +426,7 @@ def main(argv=None):
             for name, row in zip(names, M):
                 print(f"| {name} | " + " | ".join(f"{x:.2f}" for x in row) + " |")
             print("(cell: mean reward per round of the row player, averaged over both seats)")
-            if args.json:
-                print(json.dumps({"names": names, "matrix": M, "faceoffs": figs}))
+            out = {"names": names, "matrix": M, "faceoffs": figs}
         else:
             if not args.a:
                 ap.error("give --a POLICY (and --b POLICY), or one of --matrix, --memory_one, --exploit, --plot")
@@ -445,8 +439,9 @@ def main(argv=None):
                 transcript(args.env, [args.a, args.b or args.a], ro, a_seat0, args.transcript, args.transcript_file)
                 k = min(args.transcript, args.n_games)
                 print(f"wrote {k} game{'s' if k > 1 else ''} to {args.transcript_file}")
-            if args.json:
-                print(json.dumps(fig))
+            out = fig
+        if args.json:                                                   # the figures as one JSON line, last
+            print(json.dumps(out))
     except ValueError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 import envs
-from engine import Seats
+from engine import Seats, forced_run
 from model import masked_logits, sample
 
 SYSTEM = "You are a player in a game. Follow the answer format exactly."
@@ -53,8 +53,6 @@ class Chat:
     def next(self, text):
         return self.encode(self.between + text + self.tail)
 
-END_TAGS = {}   # (tokenizer, vocabulary size, device) -> end-tag automaton
-
 class LMPolicy:
     """A language model playing a seat. `name` labels it in logs."""
     def __init__(self, model, tok, name="model"):
@@ -73,14 +71,6 @@ class LMPolicy:
                     node = node.setdefault(t, {})
             self.tries[key] = root
         return self.tries[key]
-
-def forced_run(node):
-    """-> (the tokens forced from node on, i.e. along single-child nodes; the node where a choice comes)."""
-    run = []
-    while len(node) == 1:
-        t, node = next(iter(node.items()))
-        run.append(t)
-    return run, node
 
 def decisions(node):
     """The most sampling steps on any path through a trie (the uniforms a turn draws)."""
