@@ -127,7 +127,7 @@ class IPD(Game):
     @staticmethod
     def parse(text):
         """-> 'A', 'B' or None (invalid)."""
-        m = re.fullmatch(r"\s*<([AB])>\s*", text)
+        m = re.fullmatch(r"\s*<([AB])>\s*", text, re.ASCII)      # ASCII: the format the prompt states, nothing else
         return m.group(1) if m else None
 
     def advance(self):
@@ -178,10 +178,9 @@ class Split(Game):
     @staticmethod
     def parse(text):
         """-> (x, y, z) or None (invalid)."""
-        m = re.fullmatch(r"\s*Proposal:\s*(\d{1,2})\s+hats\s*,\s*(\d{1,2})\s+books\s*,\s*(\d{1,2})\s+balls\s*\.?\s*", text)
-        if not m or any(int(g) > 10 for g in m.groups()):
-            return None
-        return tuple(int(g) for g in m.groups())
+        m = re.fullmatch(r"\s*Proposal:\s*(10|[0-9])\s+hats\s*,\s*(10|[0-9])\s+books\s*,\s*(10|[0-9])\s+balls\s*\.?\s*",
+                         text, re.ASCII)
+        return tuple(int(g) for g in m.groups()) if m else None
 
     def advance(self):
         parsed = [self.parse(self.moves[p]) for p in (0, 1)]
@@ -264,14 +263,15 @@ class TAS(Game):
     @staticmethod
     def parse(text):
         """-> coins kept 0..10 or None (invalid)."""
-        m = re.fullmatch(r"\s*<<proposal_start>>\s*(\d{1,2})\s*<<proposal_end>>\s*", text)
-        return int(m.group(1)) if m and int(m.group(1)) <= 10 else None
+        m = re.fullmatch(r"\s*<<proposal_start>>\s*(10|[0-9])\s*<<proposal_end>>\s*", text, re.ASCII)
+        return int(m.group(1)) if m else None
 
     @staticmethod
     def message_text(text):
-        """The message between the tags (or the whole text without them), at most 500 characters."""
+        """The message between the tags (or the whole text without them), at most 500 characters, with control and
+        other unprintable characters (terminal escapes, line breaks) as spaces: it is shown inline to the other player."""
         m = re.search(r"<<message_start>>(.*?)(<<message_end>>|$)", text, re.S)
-        return (m.group(1) if m else text).strip()[:500]
+        return "".join(c if c.isprintable() else " " for c in (m.group(1) if m else text)).strip()[:500]
 
     def advance(self):
         if self.phase == "message":

@@ -66,7 +66,8 @@ class HumanPolicy:
     name = "human"
 
     def reply(self, game, p, text, rng):
-        print(f"\n[game {id(game) % 1000}, you are player {p}] {text}")
+        shown = "".join(c if c.isprintable() or c == "\n" else ascii(c)[1:-1] for c in text)   # no terminal escapes
+        print(f"\n[game {id(game) % 1000}, you are player {p}] {shown}")
         try:
             return input("> ")
         except EOFError:

@@ -234,6 +234,7 @@ def test_model_chat_cli(tiny_dir, tmp_path):
 
 import itertools
 import random
+import re
 
 import envs as E
 
@@ -389,6 +390,31 @@ def test_parsing_is_strict_and_total():
             assert all(isinstance(x, float) or isinstance(x, int) for r in g.rewards for x in r)
     assert E.TAS.message_text("<<message_start>> hi <<message_end>> junk") == "hi"
     assert len(E.TAS.message_text("x" * 10000)) == 500
+    assert E.TAS.message_text("<<message_start>>a\x1b]0;title\x07b\nc\u2028<<message_end>>") == "a ]0;title b c"
+
+def test_parsers_accept_exactly_the_stated_ascii_formats():
+    """Property test over strings built from the formats' pieces and their look-alikes (Unicode digits and spaces,
+    leading zeros): a string parses only if it is ASCII and, without its ASCII whitespace, exactly the stated form."""
+    ws = re.compile(r"[ \t\n\r\x0b\x0c]")
+    pieces = ["<", ">", "A", "B", "<A>", "<B>", "Proposal:", "hats", "books", "balls", ",", ".", "<<proposal_start>>",
+              "<<proposal_end>>", "0", "5", "7", "10", "11", "05", "\u0663", "\uff13", "\u00b9", " ", "  ", "\t", "\n",
+              "\u3000", "\u2028", "\u00a0", "\x1b"]
+    rng, hits = random.Random(0), 0
+    for _ in range(20000):
+        s = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 12)))
+        for game, form in ((E.IPD, "<{}>"), (E.TAS, "<<proposal_start>>{}<<proposal_end>>")):
+            x = game.parse(s)
+            if x is not None:
+                hits += 1
+                assert s.isascii() and ws.sub("", s) == form.format(x), repr(s)
+    for x, y, z in [(0, 5, 10), (10, 10, 10), (7, 0, 1)]:        # Split: the stated form, then near misses
+        s = f"Proposal: {x} hats, {y} books, {z} balls"
+        assert E.Split.parse(s) == (x, y, z) and E.Split.parse(" " + s + ".\n") == (x, y, z)
+        for bad in (s.replace(f"{x} hats", f"0{x} hats"), s.replace(" hats", "\u3000hats"), s.replace("5", "\u0665"),
+                    s.replace("10", "\uff11\uff10"), s + "\u2028", s.replace(" ", "\u00a0", 1)):
+            if bad != s:
+                assert E.Split.parse(bad) is None, repr(bad)
+    assert hits > 100                                           # the search reached valid strings, not only junk
 
 # -----------------------------------------------------------------------------
 # advantage.py
@@ -869,6 +895,18 @@ def test_api_opponent(mode, invalid, monkeypatch, capsys):
         srv.shutdown()
     out = capsys.readouterr()
     assert "sk-secret-123" not in out.out + out.err
+
+def test_human_play_shows_text_escaped(monkeypatch, capsys):
+    """What a human reads is escaped: a reply carrying terminal escapes (clear screen, retitle) cannot reach the
+    terminal raw, through a TAS message or the text itself."""
+    g = E.make_game("tas", 0, 1)
+    starter = g.to_act()[0]
+    g.observe(starter)
+    g.act(starter, "<<message_start>> hi \x1b[2J\x1b]0;pwned\x07 there <<message_end>>")
+    monkeypatch.setattr("builtins.input", lambda prompt="": "<<message_start>> ok <<message_end>>")
+    RM.HumanPolicy().reply(g, 1 - starter, g.observe(1 - starter) + " \x1b[31mred", None)
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "hi" in out and "\\x1b[31mred" in out
 
 def test_api_histories_belong_to_games_and_dead_endpoints_stop():
     """A game never inherits another game's conversation (ids are reused once a game is freed), an endpoint
