@@ -114,6 +114,9 @@ def load_model(name=EMBEDDED, device="cpu", dtype=torch.float32):
     if tok is None:
         raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json, tokenizer_config.json): copy them "
                                 "from the model it was trained from")
+    if not getattr(tok, "chat_template", None):           # the games are chats: rollout.Chat reads the template
+        raise ValueError(f"{path}: its tokenizer has no chat template: use a chat (instruct) model, or add a "
+                         "chat_template to its tokenizer_config.json")
     return model, tok
 
 def load_dir(path, device, dtype):

@@ -215,6 +215,11 @@ def resume_optimizer(opt, state, cfg, ckpt, rank=0):
         opt.load_state_dict(state["optimizer"])
     except (ValueError, KeyError) as e:
         sys.exit(f"error: {ckpt}/state.pt: the optimizer state does not fit this model ({e})")
+    for p, s in ((p, opt.state.get(p, {})) for g in opt.param_groups for p in g["params"]):   # as many tensors,
+        bad = [k for k, v in s.items() if torch.is_tensor(v) and v.dim() and v.shape != p.shape]  # other shapes
+        if bad:
+            sys.exit(f"error: {ckpt}/state.pt: the optimizer state does not fit this model (Adam's {bad[0]} is "
+                     f"{tuple(s[bad[0]].shape)} for a parameter of {tuple(p.shape)}): restore the checkpoint's state.pt")
     for group in opt.param_groups:                                      # a resumed run takes the config's lr
         group["lr"], group["weight_decay"] = cfg["lr"], cfg["weight_decay"]
     listed = [os.path.join(cfg["out_dir"], "snapshots", os.path.basename(f)) for f in state["snapshots"]]

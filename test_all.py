@@ -219,6 +219,27 @@ def test_load_errors_are_one_sentence(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=says):
             LD.load_dir(str(tmp_path / "notok"), "cpu", torch.float32)
 
+def test_tokenizer_without_chat_template_is_one_line(tiny_dir, tmp_path, capsys):
+    """A model whose tokenizer has no chat template stops train.py and load.py's chat with one line that says so,
+    before any run directory is made."""
+    import shutil
+    from transformers import AutoTokenizer
+    d = tmp_path / "plain"
+    shutil.copytree(tiny_dir, d)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = None
+    tok.save_pretrained(d)
+    for f in os.listdir(d):                       # transformers 5 may keep the template in a file of its own
+        if "chat_template" in f:
+            os.remove(d / f)
+    with pytest.raises(SystemExit, match="no chat template"):
+        TR.main(["--model_name", str(d), "--out_dir", str(tmp_path / "o")])
+    assert not os.path.exists(tmp_path / "o")
+    import subprocess
+    r = subprocess.run([sys.executable, "load.py", "--model", str(d), "Hi"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "no chat template" in r.stderr
+
 def test_model_chat_cli(tiny_dir, tmp_path):
     """python load.py chats with the model given by --model; a bad one is one line on stderr, exit 1."""
     import subprocess
@@ -1009,6 +1030,21 @@ def test_resume_with_missing_or_damaged_snapshots(tiny_dir, tmp_path, capsys):
         open(tmp_path / "o" / "snapshots" / f, "wb").write(b"not safetensors")
     with pytest.raises(SystemExit, match="snapshot .* is unreadable"):
         TR.main(base + ["--max_iters", "4", "--resume"])
+
+def test_resume_refuses_an_optimizer_of_other_shapes(tiny_dir, tmp_path):
+    """--resume with an Adam state of as many tensors but other shapes (another model's) stops with one line before
+    playing, instead of tracing back in Adam after a whole iteration."""
+    d = tmp_path / "o"
+    base = ["--env", "ipd", "--model_name", tiny_dir, "--n_games", "2", "--n_rounds", "2", "--out_dir", str(d)]
+    TR.main(base + ["--max_iters", "1"])
+    f = d / "ckpt" / "state.pt"
+    state = torch.load(f, weights_only=True)
+    st = state["optimizer"]["state"][0]
+    st["exp_avg"] = st["exp_avg"].flatten()[:-1]          # a parameter of another shape
+    torch.save(state, f)
+    with pytest.raises(SystemExit, match="does not fit this model"):
+        TR.main(base + ["--max_iters", "2", "--resume", "true"])
+    assert len(open(d / "log.jsonl").readlines()) == 1    # nothing played
 
 def test_resume_recovers_and_merges(tiny_dir, tmp_path, capsys):
     """A crash between save_checkpoint's renames leaves ckpt.tmp: --resume finds it. Knobs given with --resume
