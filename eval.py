@@ -193,12 +193,18 @@ def read_log(run_dir):
     return log
 
 def log_env(log, env):
-    """The game a train.py log is about, read from its readout keys (the first game whose first readout key the
-    last line has; tas_silent is drawn as tas). A log with no readout keys: env, the --env given (None: unknown)."""
-    for name, game in envs.GAMES.items():
-        if game.readout and next(iter(game.readout)) in log[-1]:
-            return name
-    return env
+    """The game a train.py log is about: the env its lines name, else the game whose readout keys appear in any of
+    its lines (tas_silent's are tas's), else env (the --env given). None, with a warning, when nothing says."""
+    named = {r["env"] for r in log if "env" in r}
+    if len(named) > 1:
+        sys.exit(f"error: --plot: one log names several games ({', '.join(sorted(named))})")
+    keys = set().union(*log)
+    game = named.pop() if named else next((n for n, g in envs.GAMES.items() if g.readout and
+                                           next(iter(g.readout)) in keys), env)
+    if game is None:
+        print("warning: a log does not say which game it is: drawn without the game's references (give --env)",
+              file=sys.stderr)
+    return game
 
 def readout_keys(env):
     return envs.GAMES[env].readout if env in envs.GAMES else {}

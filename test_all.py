@@ -1198,7 +1198,7 @@ def test_faceoff_matrix_cells(capsys):
     M = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["matrix"]
     assert M[0][0] == pytest.approx(50.0) and M[1][1] == pytest.approx(27.5)   # self-play: both seats (TAS's references)
 
-def test_plot_draws_the_claims_readout(tmp_path):
+def test_plot_draws_the_claims_readout(tmp_path, capsys):
     """--plot A B for TAS: one line per run and situation in the claims panel (a renamed log key would drop it),
     the game read from the logs (eval.py's --env defaults to ipd); one run: its claims and rates too; runs of
     two games on one figure: a one-line error."""
@@ -1234,6 +1234,9 @@ def test_plot_draws_the_claims_readout(tmp_path):
     assert not plt.gcf().axes[0].texts
     EV.main(["--env", "split", "--plot", str(tmp_path / "old"), "--plot_file", str(tmp_path / "old.png")])
     assert {t.get_text() for t in plt.gcf().axes[0].texts} == {"welfare_max x2 (255)", "greedy x2 (165)"}
+    log = [dict(iter=0, welfare=50.0, claim_upper=9.0), dict(iter=1, welfare=50.0)]   # the last line lacks the claims
+    assert EV.log_env(log, None) == "tas" and EV.log_env([dict(iter=0, env="split")], "ipd") == "split"
+    assert EV.log_env([dict(iter=0, welfare=1.0)], None) is None and "does not say which game" in capsys.readouterr().err
 
 def test_eval_cli_errors(monkeypatch, tmp_path, capsys):
     """Bad eval.py input is one line: a negative temperature, a transcript or a plot in a missing directory (before

@@ -321,7 +321,7 @@ def main(argv):
         save_now = (it + 1) % cfg["ckpt_interval"] == 0 or it + 1 == cfg["max_iters"]
         if rank == 0:
             m = metrics(rewards, invalid, play, trained, cfg["env"])
-            rec = dict(iter=it, **m, **stats, time=dt_it, rollout_s=t_roll, update_s=t_upd, tokens=n_tokens,
+            rec = dict(iter=it, env=cfg["env"], **m, **stats, time=dt_it, rollout_s=t_roll, update_s=t_upd, tokens=n_tokens,
                        tok_per_s=n_tokens / dt_it, threads=torch.get_num_threads())  # a CPU's sums, so the sampled
                                                                                        # text, can depend on the threads
             if save_now and game.memory_one:
