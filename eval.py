@@ -25,6 +25,7 @@ import os
 import re
 import signal
 import sys
+import urllib.parse
 
 import torch
 
@@ -51,6 +52,9 @@ def make_policy(spec, env, device="cpu", cache=None, api=None):
         pol = HumanPolicy()
     elif spec.startswith("api:"):
         url, _, model_id = spec[4:].rpartition(":")
+        if "@" in urllib.parse.urlsplit(url).netloc:                    # refused before anything could echo it
+            raise ValueError("an api: URL with credentials (user:password@host) is refused: put the key in "
+                             "$OPENAI_API_KEY")
         if not url.startswith("http") or not model_id or re.fullmatch(r"\d+(/.*)?", model_id):  # ':8000/v1' is a port
             raise ValueError(f"bad api policy {spec!r}: use api:http://HOST:PORT/v1:MODEL (the model name is required)")
         pol = ApiPolicy(url, model_id, **(api or {}))

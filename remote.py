@@ -3,10 +3,14 @@ remote.py: players from outside this process, for eval.py's face-offs: a chat mo
 OpenAI-compatible endpoint (`api:URL:MODEL`) and a human at the terminal (`human`). Both answer
 reply(game, player, text, rng) -> text, as envs.py's fixed strategies do, and rollout.py plays them the same way.
 """
+import http.client
 import json
 import os
+import socket
+import sys
+import threading
 import time
-import urllib.request
+import urllib.parse
 import weakref
 
 from rollout import SYSTEM
@@ -17,11 +21,22 @@ class ApiPolicy:
     played as an empty reply: the game scores it as an invalid move. After max_fails failures in a row the
     endpoint is taken as dead and not called again (every later reply fails at once)."""
     def __init__(self, url, model, timeout=30.0, retries=2, max_reply_chars=2000, max_fails=5):
-        self.url, self.model_id = url.rstrip("/"), model
+        u = urllib.parse.urlsplit(url.rstrip("/"))
+        if "@" in u.netloc:                       # never echoed: the URL would carry a secret into logs and tables
+            raise ValueError("an api: URL with credentials (user:password@host) is refused: put the key in "
+                             "$OPENAI_API_KEY")
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError("an api: URL must be http://HOST[:PORT]/PATH or https://...")
+        self.https, self.host, self.port, self.path = u.scheme == "https", u.hostname, u.port, u.path
+        self.model_id = model
         self.timeout, self.retries = min(max(timeout, 0.1), 300.0), min(max(retries, 0), 5)     # sane caps
         self.max_reply_chars, self.max_fails = min(max(max_reply_chars, 16), 100_000), max_fails
         self.name = f"api:{model}"
         self.key = os.environ.get("OPENAI_API_KEY", "")
+        local = self.host in ("localhost", "::1") or self.host.startswith("127.")
+        if self.key and not self.https and not local:
+            print(f"warning: $OPENAI_API_KEY goes to {self.host} over plain http, unencrypted: use https",
+                  file=sys.stderr)
         self.history = weakref.WeakKeyDictionary()     # game -> {player: messages}: a new game never inherits one
         self.failures, self.calls, self.fails_in_row = 0, 0, 0
 
@@ -40,26 +55,46 @@ class ApiPolicy:
         return answer
 
     def ask(self, msgs):
-        """One reply, or None after the retries. Nothing is printed: the request carries the key."""
+        """One reply, or None after the retries. Each attempt ends by its deadline (timeout seconds from connecting
+        to the last byte: a watchdog cuts the connection, so a server that trickles cannot hold a turn), follows no
+        redirect (an answer other than 200 is a failure: the key never goes to another host), and prints nothing."""
         body = json.dumps({"model": self.model_id, "messages": msgs, "temperature": 1.0, "max_tokens": 200}).encode()
         headers = {"Content-Type": "application/json"}
         if self.key:
             headers["Authorization"] = "Bearer " + self.key
         limit = 64 * self.max_reply_chars + 65536                       # bytes of JSON read at most
         for attempt in range(self.retries + 1):
+            conn = (http.client.HTTPSConnection if self.https else http.client.HTTPConnection)(
+                self.host, self.port, timeout=self.timeout)
+            held = []                                                   # the socket, once connected
+            deadline, watchdog = time.monotonic() + self.timeout, threading.Timer(self.timeout, cut, [held])
+            watchdog.start()
             try:
-                req = urllib.request.Request(self.url + "/chat/completions", data=body, headers=headers)
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    raw = resp.read(limit + 1)
-                if len(raw) <= limit:
+                conn.connect()
+                held.append(conn.sock)                                  # the response keeps reading from it
+                conn.request("POST", self.path + "/chat/completions", body, headers)
+                resp = conn.getresponse()
+                raw = resp.read(limit + 1) if resp.status == 200 else b""
+                if resp.status == 200 and len(raw) <= limit and time.monotonic() < deadline:
                     answer = json.loads(raw)["choices"][0]["message"]["content"]
                     if isinstance(answer, str):
                         return answer[:self.max_reply_chars]
-            except Exception:   # any fault of the far side: URLError, HTTPException, IncompleteRead, bad JSON...
+            except Exception:   # any fault of the far side: OSError, HTTPException, IncompleteRead, bad JSON...
                 pass
+            finally:
+                watchdog.cancel()
+                conn.close()
             if attempt < self.retries:
                 time.sleep(0.2 * (attempt + 1))
         return None
+
+def cut(held):
+    """The deadline passed: shut the connection's socket, which ends a read blocked in another thread."""
+    for sock in held:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 class HumanPolicy:
     """You, at the terminal. End of input (Ctrl-D) stops the evaluation with a message."""

@@ -917,6 +917,59 @@ def test_api_opponent(mode, invalid, monkeypatch, capsys):
     out = capsys.readouterr()
     assert "sk-secret-123" not in out.out + out.err
 
+def test_api_requests_end_by_their_deadline_and_follow_no_redirect(monkeypatch, capsys):
+    """A server that trickles its reply one byte at a time is cut at the deadline (not per socket read); a 302 to
+    another host is a failure, and that host never sees the request nor the key; a URL with credentials is refused
+    without being echoed; a key over plain http to a non-local host is warned about."""
+    import http.server
+    import threading
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-456")
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200); self.send_header("Content-Length", "1000"); self.end_headers()
+            try:
+                for _ in range(1000):
+                    self.wfile.write(b" "); self.wfile.flush(); time.sleep(0.1)
+            except OSError:
+                pass
+    other_seen = []
+    class Other(Trickle):
+        def do_POST(self):
+            other_seen.append(self.headers.get("Authorization"))
+            data = json.dumps({"choices": [{"message": {"content": "<A>"}}]}).encode()
+            self.send_response(200); self.send_header("Content-Length", str(len(data))); self.end_headers()
+            self.wfile.write(data)
+        do_GET = do_POST
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Other)
+    class Redirect(Trickle):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{other.server_address[1]}/v1/chat/completions")
+            self.send_header("Content-Length", "0"); self.end_headers()
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), h) for h in (Trickle, Redirect)] + [other]
+    for s in servers:
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+    try:
+        slow = RM.ApiPolicy(f"http://127.0.0.1:{servers[0].server_address[1]}/v1", "m", timeout=0.5, retries=0)
+        t0 = time.time()
+        assert slow.ask([{"role": "user", "content": "hi"}]) is None and time.time() - t0 < 3
+        moved = RM.ApiPolicy(f"http://127.0.0.1:{servers[1].server_address[1]}/v1", "m", timeout=2, retries=1)
+        assert moved.ask([{"role": "user", "content": "hi"}]) is None and other_seen == []
+    finally:
+        for s in servers:
+            s.shutdown()
+    for bad in ("api:http://user:sk-secret-456@127.0.0.1:9/v1:m", "api:https://sk-secret-456@example.com/v1:m"):
+        with pytest.raises(SystemExit) as e:
+            EV.main(["--a", "tit_for_tat", "--b", bad, "--n_games", "1"])
+        assert "credentials" in str(e.value) and "sk-secret-456" not in str(e.value)
+    RM.ApiPolicy("http://example.com/v1", "m")
+    err = capsys.readouterr().err
+    assert "plain http" in err and "example.com" in err and "sk-secret-456" not in err
+
 def test_human_play_shows_text_escaped(monkeypatch, capsys):
     """What a human reads is escaped: a reply carrying terminal escapes (clear screen, retitle) cannot reach the
     terminal raw, through a TAS message or the text itself."""
