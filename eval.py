@@ -147,8 +147,17 @@ def transcript(env, names, ro, a_seat0, k, path):
             lines += envs.GAMES[env].describe_round(info)
             inv = "".join(f" (seat {s} invalid)" for s in (0, 1) if g.invalid[t][s])
             lines.append(f"- rewards: {g.rewards[t][0]:g} / {g.rewards[t][1]:g}{inv}\n")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    def write():
+        with open(path, "w") as f:                            # closed here: a failed flush is caught too
+            f.write("\n".join(lines))
+    written(path, write)
+
+def written(path, write, kept="the figures printed above are kept"):
+    """Run write() (it writes path); a failure is one line that names the path and what is kept."""
+    try:
+        write()
+    except OSError as e:
+        sys.exit(f"error: could not write {path} ({e.strerror or e}); {kept}")
 
 # -----------------------------------------------------------------------------
 # memory-one readout
@@ -262,7 +271,7 @@ def plot_run(run_dir, path=None, env=None):
     fig.suptitle(run_dir)
     fig.tight_layout()
     path = path or os.path.join(run_dir, "curves.png")
-    fig.savefig(path, dpi=90)
+    written(path, lambda: fig.savefig(path, dpi=90), "the logs are unchanged")
     return path
 
 def smooth(y, k=10):
@@ -321,7 +330,7 @@ def plot_compare(run_dirs, path, env=None):
         if ax.get_legend_handles_labels()[0]:                  # a log from before the claims readout has none
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    written(path, lambda: fig.savefig(path, dpi=90), "the logs are unchanged")
     return path
 
 # -----------------------------------------------------------------------------

