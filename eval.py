@@ -435,17 +435,26 @@ def main(argv=None):
         elif args.matrix:
             names = [s for s in args.matrix.split(",") if s]
             pols = [make_policy(s, args.env, args.device, cache, api) for s in names]
-            M, figs = [[0.0] * len(pols) for _ in pols], {}
-            for i, j in [(i, j) for i in range(len(pols)) for j in range(i, len(pols))]:   # one face-off per pair
-                fig = faceoff(args.env, pols[i], pols[j], args.n_games, args.seed, args.n_rounds, args.group_size,
-                              args.temperature, args.max_msg_tokens)[0]
-                figs[f"{names[i]} vs {names[j]}"] = fig               # self-play holds both seats: half the welfare
-                M[i][j], M[j][i] = (fig["welfare"] / 2,) * 2 if i == j else (fig["reward_a"], fig["reward_b"])
+            M, figs, stopped = [[None] * len(pols) for _ in pols], {}, False
+            pairs = [(i, j) for i in range(len(pols)) for j in range(i, len(pols))]    # one face-off per pair
+            try:
+                for i, j in pairs:
+                    fig = faceoff(args.env, pols[i], pols[j], args.n_games, args.seed, args.n_rounds,
+                                  args.group_size, args.temperature, args.max_msg_tokens)[0]
+                    figs[f"{names[i]} vs {names[j]}"] = fig           # self-play holds both seats: half the welfare
+                    M[i][j], M[j][i] = (fig["welfare"] / 2,) * 2 if i == j else (fig["reward_a"], fig["reward_b"])
+            except KeyboardInterrupt:                                   # keep the face-offs already played
+                stopped = True
             print("| row vs column | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
             for name, row in zip(names, M):
-                print(f"| {name} | " + " | ".join(f"{x:.2f}" for x in row) + " |")
+                print(f"| {name} | " + " | ".join("-" if x is None else f"{x:.2f}" for x in row) + " |")
             print("(cell: mean reward per round of the row player, averaged over both seats)")
             out = {"names": names, "matrix": M, "faceoffs": figs}
+            if stopped:
+                print(f"interrupted after {len(figs)} of {len(pairs)} face-offs: the cells marked - were not played")
+                if args.json:
+                    print(json.dumps(out))
+                raise KeyboardInterrupt
         else:
             if not args.a:
                 ap.error("give --a POLICY (and --b POLICY), or one of --matrix, --memory_one, --exploit, --plot")

@@ -1253,6 +1253,24 @@ def test_faceoff_matrix_cells(capsys):
     M = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["matrix"]
     assert M[0][0] == pytest.approx(50.0) and M[1][1] == pytest.approx(27.5)   # self-play: both seats (TAS's references)
 
+def test_matrix_interrupted_keeps_the_finished_faceoffs(monkeypatch, capsys):
+    """Ctrl-C during --matrix prints the face-offs already played (the table, and the JSON with --json), marks the
+    rest, and stops with the interrupted line."""
+    real, calls = EV.faceoff, []
+    def faceoff(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(EV, "faceoff", faceoff)
+    with pytest.raises(SystemExit, match="interrupted"):
+        EV.main(["--env", "ipd", "--matrix", "tit_for_tat,defector,cooperator", "--n_games", "2", "--json"])
+    out = capsys.readouterr().out
+    res = json.loads(out.strip().splitlines()[-1])
+    assert list(res["faceoffs"]) == ["tit_for_tat vs tit_for_tat", "tit_for_tat vs defector"]
+    assert res["matrix"][0][:2] == pytest.approx([3.0, 0.9]) and res["matrix"][2][2] is None
+    assert "| tit_for_tat | 3.00 | 0.90 | - |" in out and "interrupted after 2 of 6 face-offs" in out
+
 def test_plot_draws_the_claims_readout(tmp_path, capsys):
     """--plot A B for TAS: one line per run and situation in the claims panel (a renamed log key would drop it),
     the game read from the logs (eval.py's --env defaults to ipd); one run: its claims and rates too; runs of
