@@ -587,6 +587,7 @@ def test_credit_check_marginal_welfare_by_hand():
 # rollout.py, train.py and configurator.py; a game added in envs.py
 
 import engine as EN
+import memory
 import remote as RM
 import rollout as R
 import rundir
@@ -1604,6 +1605,21 @@ def test_ctrl_c_stops_cleanly(tiny_dir, tmp_path, sig):
     assert p.returncode != 0 and "Traceback" not in err and "interrupted" in last and "--resume" in last
     st = torch.load(d / "ckpt" / "state.pt", weights_only=True)
     assert st["iter"] >= 2 and not os.path.exists(d / "lock")
+
+def test_sizes_that_cannot_fit_are_refused_before_allocating(tiny_dir, tmp_path):
+    """--n_games far beyond the machine's memory stops train.py (before its run directory is made) and eval.py with
+    one line naming the knobs, instead of dying in the allocator; the estimate grows with the games and the budget."""
+    big = "2000000"
+    with pytest.raises(SystemExit, match="lower --n_games") as e:
+        TR.main(["--model_name", tiny_dir, "--n_games", big, "--out_dir", str(tmp_path / "o")])
+    assert len(str(e.value).splitlines()) == 1 and not os.path.exists(tmp_path / "o")
+    with pytest.raises(SystemExit, match="lower --n_games"):
+        EV.main(["--env", "tas", "--a", tiny_dir, "--b", "honest", "--n_games", big])
+    model, tok = LD.load_dir(tiny_dir, "cpu", torch.float32)
+    n = [memory.conversation_tokens("tas", tok, 10, m) for m in (16, 64)]
+    assert n[1] - n[0] == 10 * 48 and memory.conversation_tokens("ipd", tok, 10, 16) < n[0]   # a message a seat a round
+    kv = [memory.table(model, r, 100)["kv_cache"] for r in (8, 16)]
+    assert kv[1] == 2 * kv[0] > 0
 
 def test_write_errors_are_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
     """Every write fails as one line that names the path and what is kept: a checkpoint past a file-size limit

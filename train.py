@@ -33,6 +33,7 @@ from tqdm import tqdm
 import advantage
 import devices
 import envs
+import memory
 import rundir
 from configurator import parse_args, resolve
 from load import load_dir, load_model
@@ -276,6 +277,7 @@ def main(argv):
     ref_model = None
     if cfg["kl_coef"] > 0:
         ref_model = load_model(cfg["model_name"], dev, torch.float32)[0].eval().requires_grad_(False)
+    memory.check_training(model, tok, cfg, 2 * cfg["n_games"] // world, (opp_model is not None) + (ref_model is not None))
     if rank == 0:                                                       # process 0 prints, logs and saves
         print("config: " + json.dumps(cfg))
     log = rundir.open_run(cfg, sum(p.numel() for p in model.parameters()), start, rank, world)
