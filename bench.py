@@ -30,6 +30,7 @@ import torch
 
 import devices
 import envs
+import memory
 import train
 from load import load_model
 from model import KVCache, cache_dtype, masked_log_softmax
@@ -218,6 +219,7 @@ def main():
         model, tok = load_model(args.model, dev, torch.float32)
     except (OSError, RuntimeError, ValueError) as e:
         raise SystemExit(f"error: {e}")
+    memory.check_training(model, tok, cfg | {"dtype": dt}, 2 * args.n_games, 0)   # a size that cannot fit: one line
     peak32, peak16, bw = matmul_peak(dev, torch.float32), matmul_peak(dev, torch.bfloat16), bandwidth(dev)
     peak = peak16 if dt == "bfloat16" else peak32
     print(f"{dev_name} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'}): "

