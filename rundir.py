@@ -87,7 +87,8 @@ def prepare_out_dir(cfg, n_params, start):
                 f.writelines(keep)
             os.replace(log_path + ".tmp", log_path)
         except OSError as e:
-            os.path.exists(log_path + ".tmp") and os.remove(log_path + ".tmp")
+            if os.path.isfile(log_path + ".tmp"):
+                os.remove(log_path + ".tmp")
             sys.exit(f"error: could not rewrite {log_path} ({e.strerror or e}): it and the checkpoint are kept as they were")
     return open(log_path, "a")
 
@@ -275,7 +276,8 @@ def save_snapshot(model, out_dir, it):
         save_file(sd, f + ".tmp")
         os.replace(f + ".tmp", f)
     except Exception as e:                  # as a checkpoint: a full disk, a file-size limit
-        os.path.exists(f + ".tmp") and os.remove(f + ".tmp")
+        if os.path.isfile(f + ".tmp"):
+            os.remove(f + ".tmp")
         sys.exit(f"error: could not write the agent-buffer snapshot {f} ({type(e).__name__}: {str(e)[:120]}); "
                  "the last checkpoint and the earlier snapshots are kept")
     return f

@@ -1650,6 +1650,13 @@ def test_write_errors_are_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="could not write /dev/full .*last checkpoint are kept"):
         TR.main(["--model_name", tiny_dir, "--n_games", "2", "--n_rounds", "2", "--max_iters", "1",
                  "--out_dir", str(tmp_path / "o2")])
+    d3 = tmp_path / "o3"                                    # --resume rewrites the log: it cannot, and says so
+    TR.main(["--model_name", tiny_dir, "--n_games", "2", "--n_rounds", "2", "--max_iters", "1", "--out_dir", str(d3)])
+    os.makedirs(d3 / "log.jsonl.tmp")                         # where the rewrite would go: taken
+    with pytest.raises(SystemExit, match="could not rewrite .*log.jsonl .*kept as they were"):
+        TR.main(["--model_name", tiny_dir, "--n_games", "2", "--n_rounds", "2", "--max_iters", "2", "--out_dir", str(d3),
+                 "--resume", "true"])
+    assert len(open(d3 / "log.jsonl").readlines()) == 1
     for flags in (["--transcript", "1", "--transcript_file", "/dev/full"], ["--transcript", "1", "--transcript_file", str(tmp_path)]):
         with pytest.raises(SystemExit, match="could not write .*printed above are kept"):
             EV.main(["--env", "ipd", "--a", "tit_for_tat", "--b", "defector", "--n_games", "1"] + flags)
