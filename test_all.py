@@ -1650,6 +1650,7 @@ def test_write_errors_are_one_line(tiny_dir, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="could not write /dev/full .*last checkpoint are kept"):
         TR.main(["--model_name", tiny_dir, "--n_games", "2", "--n_rounds", "2", "--max_iters", "1",
                  "--out_dir", str(tmp_path / "o2")])
+    monkeypatch.setattr(rundir, "prepare_out_dir", real)
     d3 = tmp_path / "o3"                                    # --resume rewrites the log: it cannot, and says so
     TR.main(["--model_name", tiny_dir, "--n_games", "2", "--n_rounds", "2", "--max_iters", "1", "--out_dir", str(d3)])
     os.makedirs(d3 / "log.jsonl.tmp")                         # where the rewrite would go: taken
