@@ -60,7 +60,7 @@ def parse_args(argv, cfg, usage="", path=None):
 PRESETS = {"paper": dict(lr=3e-6, max_iters=1000, model_name="Qwen/Qwen2.5-1.5B-Instruct", max_msg_tokens=128,
                          n_games=lambda game: game.paper_n_games)}
 
-def resolve(cfg, given=()):
+def resolve(cfg, given=(), world=1):
     """Fill in the game's defaults (envs.py), apply a preset (to the knobs not given on the command line), check values."""
     if cfg["env"] not in envs.GAMES:
         sys.exit(f"error: --env must be one of {', '.join(envs.GAMES)}, got {cfg['env']!r}")
@@ -88,11 +88,15 @@ def resolve(cfg, given=()):
     cfg["group_size"] = cfg["group_size"] or min(d["group_size"], cfg["n_games"])  # fewer games: one group of all
     if cfg["micro_tokens"] < 0:
         sys.exit(f"error: --micro_tokens must be 0 (per device) or positive, got {cfg['micro_tokens']}")
-    for k in ("n_games", "n_rounds", "max_iters", "ckpt_interval", "buffer_interval", "buffer_size", "max_msg_tokens"):
+    for k in ("n_games", "n_rounds", "max_iters", "ckpt_interval", "buffer_interval", "buffer_size", "max_msg_tokens",
+              "api_concurrency"):
         if cfg[k] < 1:
             sys.exit(f"error: --{k} must be at least 1, got {cfg[k]}")
     if cfg["n_games"] % cfg["group_size"]:
         sys.exit(f"error: n_games ({cfg['n_games']}) must be a multiple of group_size ({cfg['group_size']})")
+    if cfg["n_games"] % (world * cfg["group_size"]):
+        sys.exit(f"error: {world} processes need n_games ({cfg['n_games']}) to be a multiple of {world} x group_size "
+                 f"({cfg['group_size']}): each plays whole groups")
     if cfg["gamma"] > 1 or cfg["lr"] <= 0 or cfg["temperature"] <= 0:    # gamma 0: each round's credit is its own
         sys.exit("error: need 0 <= gamma <= 1, lr > 0 and temperature > 0")
     for k in ("buffer_prob", "buffer_fixed_prob"):

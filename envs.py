@@ -64,6 +64,7 @@ class Game:
         self.rng = random.Random(seed)     # environment randomness only (shared within a group)
         self.n_rounds, self.round, self.done = n_rounds, 0, False
         self.rewards, self.invalid, self.info = [], [], []
+        self.replies, self.failed_replies = [], 0   # every reply as sent: (round, player, text); an outside player's failures
         self.inbox = [self.intro, self.intro]
         self.pending, self.moves = [], {}
         self.start_round()
@@ -78,6 +79,7 @@ class Game:
     def act(self, p, text):
         assert p in self.to_act(), f"player {p} is not to act now"
         self.moves[p] = text if isinstance(text, str) else ""
+        self.replies.append((self.round, p, self.moves[p]))
         if not self.to_act():
             self.advance()
 

@@ -22,10 +22,8 @@ import importlib.util
 import json
 import math
 import os
-import re
 import signal
 import sys
-import urllib.parse
 
 import torch
 
@@ -35,7 +33,7 @@ import memory
 import rundir
 import train
 from load import load_model
-from remote import ApiPolicy, HumanPolicy
+from remote import ApiPolicy, HumanPolicy, api_policy
 from rollout import MEMORY_ONE, FixedPolicy, LMPolicy, memory_one, readout, readout_means, rollout
 
 CLASSIC = {"TFT": (1, 1, 0, 1, 0), "WSLS": (1, 1, 0, 0, 1), "Grudger": (1, 1, 0, 0, 0), "ALLC": (1, 1, 1, 1, 1),
@@ -52,13 +50,7 @@ def make_policy(spec, env, device="cpu", cache=None, api=None):
     elif spec == "human":
         pol = HumanPolicy()
     elif spec.startswith("api:"):
-        url, _, model_id = spec[4:].rpartition(":")
-        if "@" in urllib.parse.urlsplit(url).netloc:                    # refused before anything could echo it
-            raise ValueError("an api: URL with credentials (user:password@host) is refused: put the key in "
-                             "$OPENAI_API_KEY")
-        if not url.startswith("http") or not model_id or re.fullmatch(r"\d+(/.*)?", model_id):  # ':8000/v1' is a port
-            raise ValueError(f"bad api policy {spec!r}: use api:http://HOST:PORT/v1:MODEL (the model name is required)")
-        pol = ApiPolicy(url, model_id, **(api or {}))
+        pol = api_policy(spec, **(api or {}))
     else:
         try:
             model, tok = load_model(spec, device, torch.float32)

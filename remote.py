@@ -1,26 +1,39 @@
 """
-remote.py: players from outside this process, for eval.py's face-offs: a chat model behind an
-OpenAI-compatible endpoint (`api:URL:MODEL`) and a human at the terminal (`human`). Both answer
-reply(game, player, text, rng) -> text, as envs.py's fixed strategies do, and rollout.py plays them the same way.
+remote.py: players from outside this process: a chat model behind an OpenAI-compatible endpoint
+(`api:URL:MODEL`, an opponent in eval.py's face-offs and in train.py) and a human at the terminal (`human`).
+Both answer reply(game, player, text, rng) -> text, as envs.py's fixed strategies do; an API policy also answers
+a whole turn's requests at once (replies), concurrently.
 """
 import http.client
 import json
 import os
+import re
 import socket
 import sys
 import threading
 import time
 import urllib.parse
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 from rollout import SYSTEM
+
+def api_policy(spec, **settings):
+    """'api:URL:MODEL' -> ApiPolicy (its settings: ApiPolicy's keywords)."""
+    url, _, model_id = spec[4:].rpartition(":")
+    if "@" in urllib.parse.urlsplit(url).netloc:                        # refused before anything could echo it
+        raise ValueError("an api: URL with credentials (user:password@host) is refused: put the key in "
+                         "$OPENAI_API_KEY")
+    if not url.startswith("http") or not model_id or re.fullmatch(r"\d+(/.*)?", model_id):  # ':8000/v1' is a port
+        raise ValueError(f"bad api policy {spec!r}: use api:http://HOST:PORT/v1:MODEL (the model name is required)")
+    return ApiPolicy(url, model_id, **settings)
 
 class ApiPolicy:
     """A chat model behind an OpenAI-compatible /chat/completions endpoint (key from $OPENAI_API_KEY).
     Any fault (transport, status, malformed or oversized reply) is retried, then counted in `failures` and
     played as an empty reply: the game scores it as an invalid move. After max_fails failures in a row the
     endpoint is taken as dead and not called again (every later reply fails at once)."""
-    def __init__(self, url, model, timeout=30.0, retries=2, max_reply_chars=2000, max_fails=5):
+    def __init__(self, url, model, timeout=30.0, retries=2, max_reply_chars=2000, max_fails=5, concurrency=16):
         u = urllib.parse.urlsplit(url.rstrip("/"))
         if "@" in u.netloc:                       # never echoed: the URL would carry a secret into logs and tables
             raise ValueError("an api: URL with credentials (user:password@host) is refused: put the key in "
@@ -39,15 +52,35 @@ class ApiPolicy:
                   file=sys.stderr)
         self.history = weakref.WeakKeyDictionary()     # game -> {player: messages}: a new game never inherits one
         self.failures, self.calls, self.fails_in_row = 0, 0, 0
+        self.concurrency = min(max(concurrency, 1), 256)           # requests in flight at once (replies)
 
     def reply(self, game, p, text, rng):
         msgs = self.history.setdefault(game, {}).setdefault(p, [{"role": "system", "content": SYSTEM}])
         msgs.append({"role": "user", "content": text})
         self.calls += 1
         answer = self.ask(msgs) if self.fails_in_row < self.max_fails else None
+        return self.record(game, msgs, answer)
+
+    def replies(self, turns):
+        """A turn's requests [(game, player, text)], sent concurrently (at most `concurrency` at once), as one
+        round trip instead of one per game. -> the replies, in order."""
+        convs = []
+        for game, p, text in turns:
+            msgs = self.history.setdefault(game, {}).setdefault(p, [{"role": "system", "content": SYSTEM}])
+            msgs.append({"role": "user", "content": text})
+            convs.append(msgs)
+        self.calls += len(turns)
+        ask = lambda msgs: self.ask(msgs) if self.fails_in_row < self.max_fails else None
+        with ThreadPoolExecutor(min(self.concurrency, max(len(turns), 1))) as pool:
+            answers = list(pool.map(ask, convs))
+        return [self.record(game, msgs, a) for (game, _, _), msgs, a in zip(turns, convs, answers)]
+
+    def record(self, game, msgs, answer):
+        """A reply into its conversation; a failure (None) is counted, marked on the game and played as ''."""
         if answer is None:
             self.failures += 1
             self.fails_in_row += 1
+            game.failed_replies += 1
             answer = ""
         else:
             self.fails_in_row = 0

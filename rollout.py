@@ -145,8 +145,11 @@ def rollout(env, policies, seat_policy, n_games, seed, group_size=1, n_rounds=10
             if not mine:
                 continue
             if not isinstance(pol, LMPolicy):
-                for gi, p in (mine[j] for j in here):
-                    replies[(gi, p)] = pol.reply(games[gi], p, texts[(gi, p)], rngs[gi])
+                todo = [mine[j] for j in here]
+                if hasattr(pol, "replies"):                          # an API: the turn's requests at once, concurrently
+                    replies.update(zip(todo, pol.replies([(games[gi], p, texts[(gi, p)]) for gi, p in todo])))
+                else:
+                    replies.update({(gi, p): pol.reply(games[gi], p, texts[(gi, p)], rngs[gi]) for gi, p in todo})
                 continue
             options = {tuple(games[gi].options(p) or ()) for gi, p in mine}
             if len(options) > 1:

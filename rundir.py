@@ -107,13 +107,21 @@ def open_run(cfg, n_params, start, rank=0, world=1):
         sys.exit(err[0])
     return log
 
-def write_log(log, rec):
+def write_log(log, rec, readout=()):
+    """One iteration: its JSON line in log.jsonl, then a line on the terminal (readout: the game's keys to show)."""
     try:
         log.write(json.dumps(rec) + "\n")
         log.flush()
     except OSError as e:
         sys.exit(f"error: could not write {log.name} ({e.strerror or e}): its earlier lines and the last checkpoint "
                  "are kept")
+    show = "".join(f" {k} {rec[k]:.2f}" for k in readout if k in rec)
+    skipped = f" SKIPPED ({rec['skipped']})" if rec["skipped"] else ""
+    left_out = f" | {rec['failed_games']} games left out (API failures)" if rec.get("failed_games") else ""
+    print(f"iter {rec['iter']}: reward/round seat0 {rec['reward_seat0']:.2f} seat1 {rec['reward_seat1']:.2f} trained "
+          f"{rec['reward_trained']:.2f} | welfare {rec['welfare']:.2f}{show} | invalid {rec['invalid']:.2f} | "
+          f"loss {rec['loss']:.4f}{skipped}{left_out} | {rec['time']:.1f}s (rollout {rec['rollout_s']:.1f}, update "
+          f"{rec['update_s']:.1f}) {rec['tok_per_s']:.0f} tok/s", flush=True)
 
 def close_run(log, cfg, rank=0):
     """The run ended: close its log and free out_dir."""

@@ -871,6 +871,16 @@ def fake_server(mode):
             pass
 
         def do_POST(self):
+            with H.lock:
+                H.in_flight += 1
+                H.max_in_flight = max(H.max_in_flight, H.in_flight)
+            try:
+                self.answer()
+            finally:
+                with H.lock:
+                    H.in_flight -= 1
+
+        def answer(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             H.seen.append(self.headers.get("Authorization"))
             H.sizes.append(len(json.dumps(body)))
@@ -881,7 +891,9 @@ def fake_server(mode):
                 self.wfile.write(b"HTTP/1.1 OK-ish nonsense\r\n\r\n"); return
             if mode == "timeout":
                 time.sleep(1.0)
-            text = {"garbage": "I refuse to answer", "huge": "<A>" + "x" * 30_000_000}.get(mode, "<A>")
+            time.sleep(0.02)                                     # long enough for a turn's requests to overlap
+            text = {"garbage": "I refuse to answer", "huge": "<A>" + "x" * 30_000_000,
+                    "random": H.rng.choice(["<A>", "<B>"])}.get(mode, "<A>")
             out = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]})
             if mode == "garbage" and not len(body["messages"]) % 2:
                 out = "{not json"
@@ -894,7 +906,8 @@ def fake_server(mode):
                 self.wfile.write(data[:len(data) // 2] if mode == "incomplete" else data)
             except OSError:
                 pass
-    H.seen, H.sizes, H.convs = [], [], []
+    H.seen, H.sizes, H.convs, H.in_flight, H.max_in_flight, H.lock = [], [], [], 0, 0, threading.Lock()
+    H.rng = random.Random(0)
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return srv, H
@@ -980,6 +993,30 @@ def test_api_requests_end_by_their_deadline_and_follow_no_redirect(monkeypatch, 
     RM.ApiPolicy("http://example.com/v1", "m")
     err = capsys.readouterr().err
     assert "plain http" in err and "example.com" in err and "sk-secret-456" not in err
+
+@pytest.mark.parametrize("mode", ["random", "500"])
+def test_train_against_an_api_opponent(tiny_dir, tmp_path, mode, monkeypatch, capsys):
+    """train.py --opponent api:URL:MODEL: a turn's requests go out together (not one game at a time), the key is sent
+    and never printed or logged; games the API failed in are counted and left out, and an iteration where most
+    failed is skipped and says so."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-train-789")
+    srv, H = fake_server(mode)
+    d = tmp_path / "o"
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+        log = run_train(["--env", "ipd", "--algo", "naive", "--opponent", f"api:{url}:m", "--model_name", tiny_dir,
+                         "--n_games", "4", "--n_rounds", "3", "--max_iters", "2", "--out_dir", str(d)])
+    finally:
+        srv.shutdown()
+    assert [r["iter"] for r in log] == [0, 1] and H.seen and all(h == "Bearer sk-train-789" for h in H.seen)
+    if mode == "random":                                               # the opponent varies: the update has signal
+        assert all(r["failed_games"] == 0 and not r["skipped"] and r["n_tok"] > 0 for r in log)
+        assert H.max_in_flight > 1                                     # the games' requests overlapped
+    else:
+        assert all(r["failed_games"] == 4 and r["skipped"] == "most games' API replies failed" for r in log)
+    out = capsys.readouterr()
+    assert "sk-train-789" not in out.out + out.err + open(d / "log.jsonl").read()
+    assert "sk-train-789" not in json.dumps(torch.load(d / "ckpt" / "state.pt", weights_only=True)["config"])
 
 def test_human_play_shows_text_escaped(monkeypatch, capsys):
     """What a human reads is escaped: a reply carrying terminal escapes (clear screen, retitle) cannot reach the

@@ -37,6 +37,7 @@ import memory
 import rundir
 from configurator import parse_args, resolve
 from load import load_dir, load_model
+from remote import api_policy
 from rollout import FixedPolicy, LMPolicy, memory_one, readout, readout_means, rollout
 
 # -----------------------------------------------------------------------------
@@ -65,7 +66,8 @@ gamma = -1.0              # discount; -1 = the game's default (0.9, 0.9, 0.96)
 reward_scale = -1.0       # rewards are multiplied by this; -1 = the game's default (1/5, 1/100, 1/100)
 entropy_coef = -1.0       # entropy bonus; -1 = the game's default for adalign (ipd 0.01, else 0), 0 for naive/sum
 kl_coef = -1.0            # k3 KL to the initial model; -1 = the game's default (0.001 for split/tas, else 0)
-opponent = ""             # train one seat against this fixed strategy (envs.py) or frozen checkpoint dir
+opponent = ""             # train one seat against a fixed strategy (envs.py), a frozen checkpoint dir, or api:URL:MODEL
+api_concurrency = 16      # --opponent api:...: requests in flight at once (a turn's replies, one per game)
 buffer_interval = 10      # AA agent buffer: snapshot the policy every this many iterations
 buffer_size = 4           # AA agent buffer: snapshots kept (bf16, on disk in out_dir/snapshots)
 buffer_prob = 0.5         # AA: probability that a game's opponent is a past snapshot (else the live policy)
@@ -94,16 +96,18 @@ def token_credits(ro, C):
     """Per-round credits C (N, T) -> per-token credits (N, L), zero where the token is not trained."""
     return torch.where(ro.action_mask, C.gather(1, ro.token_round.clamp(min=0)), 0.0)
 
-def compute_credits(rewards, trained, cfg):
+def compute_credits(rewards, trained, cfg, keep=None):
     """Advantages of every trajectory (own baseline per group and player), then each algorithm's credit.
     rewards (N, T) of all the games (rows 2g, 2g+1: game g's seats); trained (N,) bool: rows whose tokens get
     gradient. Player id = (trained or not, seat): a frozen opponent never shares a baseline with the trained
-    policy. -> credits (N, T), advantages (N, T)."""
+    policy. keep (N,) bool: rows of games left out (an API failed in them) get baselines of their own and no
+    credit. -> credits (N, T), advantages (N, T)."""
     seat, group = torch.arange(rewards.size(0)) % 2, torch.arange(rewards.size(0)) // 2 // cfg["group_size"]
-    player = (~trained).long() * 2 + seat
+    player = (~trained).long() * 2 + seat + (0 if keep is None else (~keep).long() * 4)
     A = advantage.advantages(rewards, cfg["gamma"], group, player, cfg["reward_scale"])
     A_opp = A[torch.arange(A.size(0)) ^ 1]           # rows 2g and 2g+1 are the two seats of game g
-    return advantage.credits(cfg["algo"], A, A_opp, cfg["beta"], cfg["gamma"], cfg["jit"]), A
+    C = advantage.credits(cfg["algo"], A, A_opp, cfg["beta"], cfg["gamma"], cfg["jit"])
+    return (C if keep is None else C * keep[:, None]), A
 
 def shared_prefix(ids, mask):
     """Length of the token prefix all rows share (the system prompt and game intro) before any scored token.
@@ -187,6 +191,11 @@ def setup_opponents(cfg, tok, dev, ckpt):
     strategies = envs.GAMES[env].strategies
     if cfg["opponent"] in strategies:
         return FixedPolicy(env, cfg["opponent"]), None, []
+    if cfg["opponent"].startswith("api:"):                              # its key: $OPENAI_API_KEY, never printed
+        try:
+            return api_policy(cfg["opponent"], concurrency=cfg["api_concurrency"]), None, []
+        except ValueError as e:
+            sys.exit(f"error: --opponent: {e}")
     if cfg["opponent"]:
         try:
             opp_model, opp_tok = load_model(cfg["opponent"], dev, torch.float32)
@@ -239,14 +248,6 @@ def metrics(r, invalid, play, trained, env):
         m["reward_opponent"] = r[~trained].mean().item()
     return {**m, **readout_means(play[trained].sum((0, 1)), env)}     # the trained seats' readout
 
-def print_line(it, m, stats, env, dt, t_roll, t_upd, n_tokens):
-    show = "".join(f" {k} {m[k]:.2f}" for k in envs.GAMES[env].readout if k in m)
-    skipped = f" SKIPPED ({stats['skipped']})" if stats["skipped"] else ""
-    print(f"iter {it}: reward/round seat0 {m['reward_seat0']:.2f} seat1 {m['reward_seat1']:.2f} trained "
-          f"{m['reward_trained']:.2f} | welfare {m['welfare']:.2f}{show} | invalid {m['invalid']:.2f} | "
-          f"loss {stats['loss']:.4f}{skipped} | {dt:.1f}s (rollout {t_roll:.1f}, update {t_upd:.1f}) "
-          f"{n_tokens / dt:.0f} tok/s", flush=True)
-
 # -----------------------------------------------------------------------------
 
 def main(argv):
@@ -258,10 +259,7 @@ def main(argv):
     ckpt = os.path.join(cfg["out_dir"], "ckpt")
     cfg, state = rundir.resume_config(cfg, given, ckpt, rank, world, device) if cfg["resume"] else (cfg, None)
     start = state["iter"] if state else 0
-    cfg = resolve(cfg, given)
-    if cfg["n_games"] % (world * cfg["group_size"]):
-        sys.exit(f"error: {world} processes need n_games ({cfg['n_games']}) to be a multiple of {world} x group_size "
-                 f"({cfg['group_size']}): each plays whole groups")
+    cfg = resolve(cfg, given, world)
     if rank_dev and cfg["device"] in ("auto", "cuda"):
         cfg["device"] = rank_dev
     cfg["device"], cfg["dtype"] = devices.pick_device_dtype(cfg["device"], cfg["dtype"])
@@ -306,11 +304,13 @@ def main(argv):
         t_roll = time.time() - t_roll
         # 3. advantages and credits, over every process's games
         rewards = devices.gather_rows(ro.rewards, world, dev)           # (2G, T)
-        credit, _ = compute_credits(rewards, trained, cfg)
-        # 4. one optimizer step (the gradients summed over the processes)
+        keep = devices.gather_rows(torch.tensor([g.failed_replies == 0 for g in ro.games]).repeat_interleave(2), world, dev)
+        credit, _ = compute_credits(rewards, trained, cfg, keep)        # a game an API failed in is left out
+        # 4. one optimizer step (the gradients summed over the processes), unless most games were left out
         model.train()
         t_upd = time.time()
-        stats = update(model, ref_model, opt, ro, credit[rows], trained[rows], cfg, autocast, world)
+        stats = (update(model, ref_model, opt, ro, credit[rows], trained[rows], cfg, autocast, world)
+                 if keep.float().mean() >= 0.5 else dict(loss=0.0, n_tok=0, skipped="most games' API replies failed"))
         t_upd = time.time() - t_upd
         # 5. the AA agent buffer: a snapshot of the policy every buffer_interval iterations
         if cfg["algo"] == "adalign" and not cfg["opponent"] and (it + 1) % cfg["buffer_interval"] == 0:
@@ -323,15 +323,14 @@ def main(argv):
         save_now = (it + 1) % cfg["ckpt_interval"] == 0 or it + 1 == cfg["max_iters"]
         if rank == 0:
             m = metrics(rewards, invalid, play, trained, cfg["env"])
-            rec = dict(iter=it, env=cfg["env"], **m, **stats, time=dt_it, rollout_s=t_roll, update_s=t_upd, tokens=n_tokens,
-                       tok_per_s=n_tokens / dt_it, threads=torch.get_num_threads())  # a CPU's sums, so the sampled
-                                                                                       # text, can depend on the threads
+            rec = dict(iter=it, env=cfg["env"], **m, **stats, failed_games=int((~keep[0::2]).sum()), time=dt_it,
+                       rollout_s=t_roll, update_s=t_upd, tokens=n_tokens, tok_per_s=n_tokens / dt_it,
+                       threads=torch.get_num_threads())  # a CPU's sums, so the sampled text, can depend on the threads
             if save_now and game.memory_one:
                 model.eval()
                 rec["memory_one"] = memory_one(live)                    # P(C) at opening, CC, CD, DC, DD
                 rec["best_response"] = envs.ipd_best_response(rec["memory_one"])  # exploiter / policy per round
-            rundir.write_log(log, rec)
-            print_line(it, m, stats, cfg["env"], dt_it, t_roll, t_upd, n_tokens)
+            rundir.write_log(log, rec, game.readout)                    # to log.jsonl, and a line to read
             if save_now:
                 rundir.save_checkpoint(model, tok, opt, it + 1, cfg, snapshots, ckpt)
         if save_now and world > 1:
