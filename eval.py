@@ -13,6 +13,7 @@ eval.py: face-offs, the memory-one readout, exploitability, transcripts and plot
     python eval.py --plot runs/aa runs/naive --plot_file cmp.png           # several runs of one game on one figure
     python eval.py --env ipd --a out/ckpt --b api:http://127.0.0.1:8000/v1:MODEL   # any OpenAI-style endpoint
     python eval.py --env ipd --a out/ckpt --b human                        # you, at the terminal
+    python eval.py --serve out/ckpt --port 8000                            # your policy as an OpenAI-style endpoint
 
 A POLICY is a fixed strategy from envs.py, `human`, `api:URL:MODEL` (key from $OPENAI_API_KEY), a checkpoint
 directory, or a model name for load.load_model. Add --json to print the figures as one JSON line last.
@@ -31,6 +32,7 @@ import devices
 import envs
 import memory
 import rundir
+import serve
 import train
 from load import load_model
 from remote import ApiPolicy, HumanPolicy, api_policy
@@ -372,6 +374,10 @@ def main(argv=None):
                     "(RUN_DIR/curves.png); several runs: one comparison figure (compare.png)")
     ap.add_argument("--plot_file", default="", help="--plot: where the figure goes instead")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON object on the last line")
+    ap.add_argument("--serve", metavar="POLICY", help="serve a language-model POLICY as an OpenAI-compatible endpoint")
+    ap.add_argument("--port", type=int, default=8000, help="--serve: the port")
+    ap.add_argument("--host", default="127.0.0.1", help="--serve: the address (another than 127.0.0.1 needs --token)")
+    ap.add_argument("--token", default="", help="--serve: the bearer token clients must send")
     args = ap.parse_args(argv)
     plot_env, args.env = args.env, args.env or "ipd"                  # --plot: the logs say which game, unless --env
     devices.use_cpu_threads()
@@ -397,7 +403,14 @@ def main(argv=None):
     api = dict(timeout=args.api_timeout, retries=args.api_retries, max_reply_chars=args.api_max_reply_chars)
     cache = {}
     try:
-        if args.plot:
+        if args.serve:
+            pol = make_policy(args.serve, args.env, args.device, cache, api)
+            if not isinstance(pol, LMPolicy):
+                ap.error(f"--serve needs a language model (a checkpoint, the embedded model, random:SHAPE), got {args.serve!r}")
+            srv = serve.serve(pol.model, pol.tok, pol.name, args.host, args.port, args.token)
+            print(f"serving {pol.name!r} at http://{args.host}:{srv.server_address[1]}/v1 (Ctrl-C stops)", flush=True)
+            srv.serve_forever()
+        elif args.plot:
             path = (plot_run(args.plot[0], args.plot_file or None, plot_env) if len(args.plot) == 1 else
                     plot_compare(args.plot, args.plot_file or "compare.png", plot_env))
             print(f"wrote {path}")

@@ -1018,6 +1018,99 @@ def test_train_against_an_api_opponent(tiny_dir, tmp_path, mode, monkeypatch, ca
     assert "sk-train-789" not in out.out + out.err + open(d / "log.jsonl").read()
     assert "sk-train-789" not in json.dumps(torch.load(d / "ckpt" / "state.pt", weights_only=True)["config"])
 
+def served(tiny_dir, **kw):
+    """eval.py --serve's server for the tiny model, on a free port, in a thread. -> (server, base URL, model name)."""
+    import threading
+    import serve as SV
+    model, tok = LD.load_model(tiny_dir)
+    srv = SV.serve(model, tok, "tiny", port=0, **kw)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}/v1", "tiny"
+
+def test_served_policy_answers_the_openai_client(tiny_dir):
+    """The official openai client lists the served model and gets a chat completion from it."""
+    openai = pytest.importorskip("openai")
+    srv, url, name = served(tiny_dir)
+    try:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == [name]
+        r = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Say <A> or <B>."}],
+                                           max_tokens=5, temperature=0)
+        assert isinstance(r.choices[0].message.content, str) and 1 <= r.usage.completion_tokens <= 5
+        assert r.choices[0].finish_reason in ("stop", "length") and r.model == name
+    finally:
+        srv.shutdown()
+
+def test_server_refuses_bad_requests_and_keeps_serving(tiny_dir):
+    """Malformed JSON, missing or wrong fields, an unknown model, a body over the limit, a wrong method or path,
+    a missing token: each a 4xx JSON error; the next good request is answered. Other hosts need a token."""
+    import http.client
+    import serve as SV
+    srv, url, name = served(tiny_dir, token="tok-1")
+    good = json.dumps({"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    def ask(method, path, body=None, token="tok-1", headers=None):
+        c = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=60)
+        h = {"Authorization": f"Bearer {token}", **(headers or {})}
+        c.request(method, path, body, h)
+        r = c.getresponse()
+        out = (r.status, json.loads(r.read() or b"{}"))
+        c.close()
+        return out
+    try:
+        cases = [("POST", "/v1/chat/completions", "{not json", 400), ("POST", "/v1/chat/completions", "[1, 2]", 400),
+                 ("POST", "/v1/chat/completions", json.dumps({"model": name}), 400),
+                 ("POST", "/v1/chat/completions", json.dumps({"model": "gpt-9", "messages": []}), 404),
+                 ("POST", "/v1/chat/completions", good.replace('"max_tokens": 3', '"n": 2'), 400),
+                 ("POST", "/v1/chat/completions", good.replace('"max_tokens": 3', '"temperature": "hot"'), 400),
+                 ("POST", "/v1/chat/completions", good.replace('"max_tokens": 3', '"max_tokens": -1'), 400),
+                 ("POST", "/v1/chat/completions", "x" * (SV.MAX_BODY + 1), 413),
+                 ("PUT", "/v1/chat/completions", good, 405), ("POST", "/v2/anything", good, 404),
+                 ("GET", "/", None, 404)]
+        for method, path, body, status in cases:
+            code, obj = ask(method, path, body)
+            assert code == status and "message" in obj["error"], (method, path, body[:40] if body else body)
+        assert ask("POST", "/v1/chat/completions", good, token="wrong")[0] == 401
+        code, obj = ask("POST", "/v1/chat/completions", good)
+        assert code == 200 and obj["choices"][0]["message"]["role"] == "assistant" and obj["usage"]["completion_tokens"] <= 3
+    finally:
+        srv.shutdown()
+    model, tok = LD.load_model(tiny_dir)
+    with pytest.raises(SystemExit, match="--token"):
+        SV.serve(model, tok, "tiny", host="0.0.0.0", port=0)
+
+def test_concurrent_requests_are_decoded_in_batches(tiny_dir):
+    """Requests that arrive together are decoded together: 8 at once take fewer model batches than 8."""
+    import http.client
+    import threading
+    srv, url, name = served(tiny_dir)
+    batcher = srv.RequestHandlerClass.batcher
+    body = json.dumps({"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8})
+    codes = []
+    def post():
+        c = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=120)
+        c.request("POST", "/v1/chat/completions", body)
+        codes.append(c.getresponse().status)
+    try:
+        threads = [threading.Thread(target=post) for _ in range(8)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    finally:
+        srv.shutdown()
+    assert codes == [200] * 8 and batcher.served == 8 and batcher.batches < 8
+
+def test_train_against_a_served_policy(tiny_dir, tmp_path):
+    """The loop closed on one machine: a policy served over HTTP is the API opponent train.py trains against; its
+    games are all in the update, none failed."""
+    srv, url, name = served(tiny_dir)
+    try:
+        log = run_train(["--env", "ipd", "--algo", "naive", "--opponent", f"api:{url}:{name}", "--model_name", tiny_dir,
+                         "--n_games", "4", "--n_rounds", "2", "--max_iters", "2", "--out_dir", str(tmp_path / "o")])
+    finally:
+        srv.shutdown()
+    assert [r["iter"] for r in log] == [0, 1]
+    assert all(r["failed_games"] == 0 and r["n_tok"] > 0 and "API" not in r["skipped"] for r in log)
+    assert srv.RequestHandlerClass.batcher.served == 2 * 4 * 2 and srv.RequestHandlerClass.batcher.batches <= 2 * 2 * 2
+
 def test_human_play_shows_text_escaped(monkeypatch, capsys):
     """What a human reads is escaped: a reply carrying terminal escapes (clear screen, retitle) cannot reach the
     terminal raw, through a TAS message or the text itself."""
