@@ -319,16 +319,22 @@ def sample(logits, temperature, generator=None, u=None):
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=(), generator=None):
-    """Batched generation with the KV cache. prompts: list of token-id lists (ragged). Returns the new
-    ids of each row (a list of lists), each ending at its first stop id (included)."""
+    """Batched generation with the KV cache. prompts: list of token-id lists (ragged); the tokens they all begin
+    with (a system prompt) are computed once. Returns the new ids of each row (a list of lists), each ending at its
+    first stop id (included)."""
     dev = model.lm_head.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
     cache = KVCache(model.cfg, B, T + max_new_tokens, dev, cache_dtype(model))
-    idx = torch.zeros(B, T, dtype=torch.long, device=dev)
+    P = next((i for i in range(min(map(len, prompts)) - 1) if len({p[i] for p in prompts}) > 1), min(map(len, prompts)) - 1)
+    if B > 1 and P > 0:                                   # the shared prefix: one row, copied to all
+        one = KVCache(model.cfg, 1, P, dev, cache.k.dtype)
+        model.extend(one, torch.tensor([prompts[0][:P]], device=dev), torch.tensor([P], device=dev))
+        cache.fill_from(one)
+        prompts = [p[P:] for p in prompts]
+    idx = torch.zeros(B, max(map(len, prompts)), dtype=torch.long, device=dev)
     for b, p in enumerate(prompts):
         idx[b, :len(p)] = torch.tensor(p)
-    lengths = torch.tensor([len(p) for p in prompts], device=dev)
-    logits = model.extend(cache, idx, lengths)
+    logits = model.extend(cache, idx, torch.tensor([len(p) for p in prompts], device=dev))
     out, active = [[] for _ in range(B)], torch.ones(B, dtype=torch.bool, device=dev)
     for _ in range(max_new_tokens):
         nxt = sample(logits, temperature, generator)

@@ -30,7 +30,7 @@ MAX_BATCH = 64            # requests decoded together at most
 class Batcher:
     """One worker thread that owns the model: it takes every request waiting (after a first one, `wait` seconds for
     more) and decodes them in one batch per temperature. `batches` counts model batches, `served` requests."""
-    def __init__(self, model, tok, wait=0.01, seed=0):
+    def __init__(self, model, tok, wait=0.05, seed=0):
         self.model, self.tok, self.eot, self.wait = model, tok, Chat(tok).eot, wait
         self.todo, self.batches, self.served = queue.Queue(), 0, 0
         self.gen = torch.Generator().manual_seed(seed)

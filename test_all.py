@@ -90,6 +90,17 @@ def test_cached_generation_equals_uncached(smol):
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
     assert M.generate(model, [ids], 12) == [seq[len(ids):]]
 
+def test_batched_generation_with_a_shared_prefix_equals_one_at_a_time(tiny_dir):
+    """generate computes the prompts' shared beginning once and copies it: a ragged batch whose prompts share a
+    prefix (one prompt is the prefix of another, too) gives each row what it gives alone (greedy)."""
+    model, _ = LD.load_dir(tiny_dir, "cpu", torch.float32)
+    g = torch.Generator().manual_seed(3)
+    head = torch.randint(0, 49152, (7,), generator=g).tolist()
+    prompts = [head + torch.randint(0, 49152, (n,), generator=g).tolist() for n in (1, 5, 3)] + [head + [11]]
+    prompts.append(prompts[1] + [5, 6])
+    alone = [M.generate(model, [p], 6)[0] for p in prompts]
+    assert M.generate(model, prompts, 6) == alone
+
 def test_ragged_batch_and_chunks_match_single_pass(smol):
     """Conversations that grow by ragged chunks inside a batch (each row at its own length, a row with an
     empty chunk left as it was) give the same next-token logits as each conversation alone in one pass."""
