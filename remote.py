@@ -32,7 +32,7 @@ class ApiPolicy:
     """A chat model behind an OpenAI-compatible /chat/completions endpoint (key from $OPENAI_API_KEY).
     Any fault (transport, status, malformed or oversized reply) is retried, then counted in `failures` and
     played as an empty reply: the game scores it as an invalid move. After max_fails failures in a row the
-    endpoint is taken as dead and not called again (every later reply fails at once)."""
+    endpoint rests for a minute (every reply meanwhile fails at once, uncalled), then is tried again."""
     def __init__(self, url, model, timeout=30.0, retries=2, max_reply_chars=2000, max_fails=5, concurrency=16):
         u = urllib.parse.urlsplit(url.rstrip("/"))
         if "@" in u.netloc:                       # never echoed: the URL would carry a secret into logs and tables
@@ -51,14 +51,14 @@ class ApiPolicy:
             print(f"warning: $OPENAI_API_KEY goes to {self.host} over plain http, unencrypted: use https",
                   file=sys.stderr)
         self.history = weakref.WeakKeyDictionary()     # game -> {player: messages}: a new game never inherits one
-        self.failures, self.calls, self.fails_in_row = 0, 0, 0
+        self.failures, self.calls, self.fails_in_row, self.dead_since, self.rest = 0, 0, 0, 0.0, 60.0
         self.concurrency = min(max(concurrency, 1), 256)           # requests in flight at once (replies)
 
     def reply(self, game, p, text, rng):
         msgs = self.history.setdefault(game, {}).setdefault(p, [{"role": "system", "content": SYSTEM}])
         msgs.append({"role": "user", "content": text})
         self.calls += 1
-        answer = self.ask(msgs) if self.fails_in_row < self.max_fails else None
+        answer = self.ask(msgs) if self.alive() else None
         return self.record(game, msgs, answer)
 
     def replies(self, turns):
@@ -70,16 +70,28 @@ class ApiPolicy:
             msgs.append({"role": "user", "content": text})
             convs.append(msgs)
         self.calls += len(turns)
-        ask = lambda msgs: self.ask(msgs) if self.fails_in_row < self.max_fails else None
+        ask = lambda msgs: self.ask(msgs) if self.alive() else None
         with ThreadPoolExecutor(min(self.concurrency, max(len(turns), 1))) as pool:
             answers = list(pool.map(ask, convs))
         return [self.record(game, msgs, a) for (game, _, _), msgs, a in zip(turns, convs, answers)]
+
+    def alive(self):
+        """False while the endpoint rests: after max_fails failures in a row it is not called for `rest` seconds,
+        then tried again (a long training run outlives an outage)."""
+        if self.fails_in_row < self.max_fails:
+            return True
+        if time.monotonic() - self.dead_since >= self.rest:
+            self.fails_in_row = self.max_fails - 1                  # one more try; a failure rests it again
+            return True
+        return False
 
     def record(self, game, msgs, answer):
         """A reply into its conversation; a failure (None) is counted, marked on the game and played as ''."""
         if answer is None:
             self.failures += 1
             self.fails_in_row += 1
+            if self.fails_in_row == self.max_fails:
+                self.dead_since = time.monotonic()
             game.failed_replies += 1
             answer = ""
         else:

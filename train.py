@@ -68,6 +68,7 @@ entropy_coef = -1.0       # entropy bonus; -1 = the game's default for adalign (
 kl_coef = -1.0            # k3 KL to the initial model; -1 = the game's default (0.001 for split/tas, else 0)
 opponent = ""             # train one seat against a fixed strategy (envs.py), a frozen checkpoint dir, or api:URL:MODEL
 api_concurrency = 16      # --opponent api:...: requests in flight at once (a turn's replies, one per game)
+api_timeout = 30.0        # --opponent api:...: seconds a request may take, all of it (then retried twice)
 buffer_interval = 10      # AA agent buffer: snapshot the policy every this many iterations
 buffer_size = 4           # AA agent buffer: snapshots kept (bf16, on disk in out_dir/snapshots)
 buffer_prob = 0.5         # AA: probability that a game's opponent is a past snapshot (else the live policy)
@@ -193,7 +194,7 @@ def setup_opponents(cfg, tok, dev, ckpt):
         return FixedPolicy(env, cfg["opponent"]), None, []
     if cfg["opponent"].startswith("api:"):                              # its key: $OPENAI_API_KEY, never printed
         try:
-            return api_policy(cfg["opponent"], concurrency=cfg["api_concurrency"]), None, []
+            return api_policy(cfg["opponent"], concurrency=cfg["api_concurrency"], timeout=cfg["api_timeout"]), None, []
         except ValueError as e:
             sys.exit(f"error: --opponent: {e}")
     if cfg["opponent"]:
