@@ -20,12 +20,14 @@ import time
 
 import torch
 
+import memory
 from model import generate
 from rollout import Chat
 
 MAX_TOKENS = 512          # a reply's cap, whatever a request asks
 MAX_BODY = 1 << 20        # bytes of request body read at most
 MAX_BATCH = 64            # requests decoded together at most
+MAX_PROMPT = 8192         # a prompt's tokens at most
 
 class Batcher:
     """One worker thread that owns the model: it takes every request waiting (after a first one, `wait` seconds for
@@ -33,6 +35,8 @@ class Batcher:
     def __init__(self, model, tok, wait=0.05, seed=0):
         self.model, self.tok, self.eot, self.wait = model, tok, Chat(tok).eot, wait
         self.todo, self.batches, self.served = queue.Queue(), 0, 0
+        slot = memory.table(model, 1, 1)["kv_cache"]                # a batch's KV cache may take half of what is free
+        self.budget = int(0.5 * memory.free_bytes(next(model.parameters()).device) / slot)   # (tokens x rows)
         self.gen = torch.Generator().manual_seed(seed)
         threading.Thread(target=self.run, daemon=True).start()
 
@@ -55,10 +59,19 @@ class Batcher:
                 except queue.Empty:
                     break
             for t in sorted({j["temperature"] for j in jobs}):
-                self.decode([j for j in jobs if j["temperature"] == t], t)
+                batch = []
+                for j in [j for j in jobs if j["temperature"] == t]:       # as many as the memory budget holds
+                    size = lambda b: len(b) * max(len(x["ids"]) + x["max_tokens"] for x in b)
+                    if batch and size(batch + [j]) > self.budget:
+                        self.decode(batch, t)
+                        batch = []
+                    batch.append(j)
+                self.decode(batch, t)
 
     def decode(self, jobs, temperature):
         try:
+            if len(jobs[0]["ids"]) + jobs[0]["max_tokens"] > self.budget:
+                raise MemoryError("this request alone does not fit the memory free for a batch")
             outs = generate(self.model, [j["ids"] for j in jobs], max(j["max_tokens"] for j in jobs), temperature,
                             stop_ids=(self.eot,), generator=self.gen)
             self.batches += 1
@@ -103,6 +116,8 @@ def parse(body, name, tok):
     ids = tok.apply_chat_template([{"role": m["role"], "content": m["content"]} for m in msgs],
                                   add_generation_prompt=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    if len(ids) > MAX_PROMPT:
+        raise BadRequest(413, f"the prompt has {len(ids)} tokens; this server takes {MAX_PROMPT} at most")
     return ids, min(max_tokens, MAX_TOKENS), float(temperature)
 
 def handler(batcher, name, token):
@@ -153,6 +168,8 @@ def handler(batcher, name, token):
                 text, n, finish = batcher.submit(ids, max_tokens, temperature)
             except BadRequest as e:
                 return self.error(e.status, str(e))
+            except MemoryError as e:
+                return self.error(413, str(e))
             except Exception as e:                  # the model failed: say so, serve the next request
                 return self.error(500, f"generation failed ({type(e).__name__})")
             self.reply(200, {"id": f"chatcmpl-{batcher.served}", "object": "chat.completion", "created": int(time.time()),

@@ -1081,6 +1081,12 @@ def test_server_refuses_bad_requests_and_keeps_serving(tiny_dir):
             code, obj = ask(method, path, body)
             assert code == status and "message" in obj["error"], (method, path, body[:40] if body else body)
         assert ask("POST", "/v1/chat/completions", good, token="wrong")[0] == 401
+        batcher, budget = srv.RequestHandlerClass.batcher, srv.RequestHandlerClass.batcher.budget
+        batcher.budget = 5                                     # what the free memory holds: less than one request
+        assert ask("POST", "/v1/chat/completions", good)[0] == 413
+        batcher.budget = budget
+        long = json.dumps({"model": name, "messages": [{"role": "user", "content": "hi " * (SV.MAX_PROMPT + 10)}]})
+        assert ask("POST", "/v1/chat/completions", long)[0] == 413
         code, obj = ask("POST", "/v1/chat/completions", good)
         assert code == 200 and obj["choices"][0]["message"]["role"] == "assistant" and obj["usage"]["completion_tokens"] <= 3
     finally:
