@@ -245,8 +245,8 @@ def metrics(r, invalid, play, trained, env):
     m = {"reward_seat0": r[seat == 0].mean().item(), "reward_seat1": r[seat == 1].mean().item(),
          "reward_trained": r[trained].mean().item(), "welfare": (r[0::2] + r[1::2]).mean().item(),
          "invalid": invalid[trained].float().mean().item()}
-    if not trained.all():
-        m["reward_opponent"] = r[~trained].mean().item()
+    if not trained.all():                                               # the other seat: its reward, its invalid moves
+        m["reward_opponent"], m["invalid_opponent"] = r[~trained].mean().item(), invalid[~trained].float().mean().item()
     return {**m, **readout_means(play[trained].sum((0, 1)), env)}     # the trained seats' readout
 
 # -----------------------------------------------------------------------------
