@@ -52,6 +52,7 @@ class ApiPolicy:
                   file=sys.stderr)
         self.history = weakref.WeakKeyDictionary()     # game -> {player: messages}: a new game never inherits one
         self.failures, self.calls, self.fails_in_row, self.dead_since, self.rest = 0, 0, 0, 0.0, 60.0
+        self.open, self.stopping = {}, False                       # the connections of requests in flight
         self.concurrency = min(max(concurrency, 1), 256)           # requests in flight at once (replies)
 
     def reply(self, game, p, text, rng):
@@ -71,8 +72,16 @@ class ApiPolicy:
             convs.append(msgs)
         self.calls += len(turns)
         ask = lambda msgs: self.ask(msgs) if self.alive() else None
-        with ThreadPoolExecutor(min(self.concurrency, max(len(turns), 1))) as pool:
+        pool = ThreadPoolExecutor(min(self.concurrency, max(len(turns), 1)))
+        try:
             answers = list(pool.map(ask, convs))
+        except BaseException:                    # Ctrl-C: cut the requests in flight rather than wait them out
+            self.stopping = True
+            for held in list(self.open.values()):
+                cut(held)
+            raise
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
         return [self.record(game, msgs, a) for (game, _, _), msgs, a in zip(turns, convs, answers)]
 
     def alive(self):
@@ -109,11 +118,14 @@ class ApiPolicy:
             headers["Authorization"] = "Bearer " + self.key
         limit = 64 * self.max_reply_chars + 65536                       # bytes of JSON read at most
         for attempt in range(self.retries + 1):
+            if self.stopping:
+                return None
             conn = (http.client.HTTPSConnection if self.https else http.client.HTTPConnection)(
                 self.host, self.port, timeout=self.timeout)
             held = []                                                   # the socket, once connected
             deadline, watchdog = time.monotonic() + self.timeout, threading.Timer(self.timeout, cut, [held])
             watchdog.start()
+            self.open[id(held)] = held                                  # Ctrl-C in replies() cuts it too
             try:
                 conn.connect()
                 held.append(conn.sock)                                  # the response keeps reading from it
@@ -128,6 +140,7 @@ class ApiPolicy:
                 pass
             finally:
                 watchdog.cancel()
+                self.open.pop(id(held), None)
                 conn.close()
             if attempt < self.retries:
                 time.sleep(0.2 * (attempt + 1))

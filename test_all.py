@@ -1128,6 +1128,35 @@ def test_train_against_a_served_policy(tiny_dir, tmp_path):
     assert all(r["failed_games"] == 0 and r["n_tok"] > 0 and "API" not in r["skipped"] for r in log)
     assert srv.RequestHandlerClass.batcher.served == 2 * 4 * 2 and srv.RequestHandlerClass.batcher.batches <= 2 * 2 * 2
 
+def test_ctrl_c_cuts_the_api_requests_in_flight():
+    """Ctrl-C while a turn's requests wait on a slow endpoint ends them at once (their threads too), instead of
+    waiting out the request deadline before the run can stop."""
+    import http.server
+    import signal
+    import threading
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(30)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    pol = RM.ApiPolicy(f"http://127.0.0.1:{srv.server_address[1]}/v1", "m", timeout=60, retries=2)
+    games = [E.make_game("ipd", 0, 1) for _ in range(4)]
+    workers = lambda: [t for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")]
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()          # a real Ctrl-C
+    t0 = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        pol.replies([(g, 0, "hi") for g in games])
+    assert time.time() - t0 < 5
+    for _ in range(50):                                     # the request threads end too (the server's sleep on)
+        if not workers():
+            break
+        time.sleep(0.1)
+    assert not workers()
+    srv.shutdown()
+
 def test_human_play_shows_text_escaped(monkeypatch, capsys):
     """What a human reads is escaped: a reply carrying terminal escapes (clear screen, retitle) cannot reach the
     terminal raw, through a TAS message or the text itself."""
