@@ -273,4 +273,5 @@ if __name__ == "__main__":
     t0 = time.time()
     out = generate(model, [list(ids)], 64, temperature=0.7, stop_ids=(tok.eos_token_id,),
                    generator=torch.Generator().manual_seed(0))[0]
-    print(f"> {prompt}\n{tok.decode(out, skip_special_tokens=True)}\n({len(out)} tokens in {time.time() - t0:.1f} s)")
+    reply = "".join(c if c.isprintable() or c == "\n" else ascii(c)[1:-1] for c in tok.decode(out, skip_special_tokens=True))
+    print(f"> {prompt}\n{reply}\n({len(out)} tokens in {time.time() - t0:.1f} s)")    # a model's text, escaped
