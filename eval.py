@@ -330,6 +330,12 @@ def plot_compare(run_dirs, path, env=None):
 
 # -----------------------------------------------------------------------------
 
+def check_memory(cache, args):
+    """Each language-model policy made (cache: make_policy's) against the memory its games will take, before any
+    KV cache is allocated."""
+    for p in (p for p in cache.values() if isinstance(p, LMPolicy)):
+        memory.check_play(p, args.env, args.n_games, args.n_rounds, args.max_msg_tokens)
+
 def yes_no(s):
     """--resume / --overwrite: bare means true; true / false also, as train.py takes them."""
     if s.lower() in ("true", "false"):
@@ -441,8 +447,7 @@ def main(argv=None):
         elif args.matrix:
             names = [s for s in args.matrix.split(",") if s]
             pols = [make_policy(s, args.env, args.device, cache, api) for s in names]
-            for p in (p for p in cache.values() if isinstance(p, LMPolicy)):       # before any KV cache is made
-                memory.check_play(p, args.env, args.n_games, args.n_rounds, args.max_msg_tokens)
+            check_memory(cache, args)
             M, figs, stopped = [[None] * len(pols) for _ in pols], {}, False
             pairs = [(i, j) for i in range(len(pols)) for j in range(i, len(pols))]    # one face-off per pair
             try:
@@ -468,8 +473,7 @@ def main(argv=None):
                 ap.error("give --a POLICY (and --b POLICY), or one of --matrix, --memory_one, --exploit, --plot")
             pa = make_policy(args.a, args.env, args.device, cache, api)
             pb = make_policy(args.b or args.a, args.env, args.device, cache, api)
-            for p in {id(p): p for p in (pa, pb) if isinstance(p, LMPolicy)}.values():   # before the KV cache is made
-                memory.check_play(p, args.env, args.n_games, args.n_rounds, args.max_msg_tokens)
+            check_memory(cache, args)
             fig, ro, a_seat0 = faceoff(args.env, pa, pb, args.n_games, args.seed, args.n_rounds, args.group_size,
                                        args.temperature, args.max_msg_tokens)
             print(faceoff_table(args.env, [args.a, args.b or args.a], fig))

@@ -56,11 +56,7 @@ class ApiPolicy:
         self.concurrency = min(max(concurrency, 1), 256)           # requests in flight at once (replies)
 
     def reply(self, game, p, text, rng):
-        msgs = self.history.setdefault(game, {}).setdefault(p, [{"role": "system", "content": SYSTEM}])
-        msgs.append({"role": "user", "content": text})
-        self.calls += 1
-        answer = self.ask(msgs) if self.alive() else None
-        return self.record(game, msgs, answer)
+        return self.replies([(game, p, text)])[0]
 
     def replies(self, turns):
         """A turn's requests [(game, player, text)], sent concurrently (at most `concurrency` at once), as one

@@ -58,10 +58,10 @@ class Batcher:
                     jobs.append(self.todo.get(timeout=left))
                 except queue.Empty:
                     break
+            size = lambda b: len(b) * max(len(x["ids"]) + x["max_tokens"] for x in b)   # KV cache slots
             for t in sorted({j["temperature"] for j in jobs}):
                 batch = []
                 for j in [j for j in jobs if j["temperature"] == t]:       # as many as the memory budget holds
-                    size = lambda b: len(b) * max(len(x["ids"]) + x["max_tokens"] for x in b)
                     if batch and size(batch + [j]) > self.budget:
                         self.decode(batch, t)
                         batch = []
