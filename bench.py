@@ -219,7 +219,7 @@ def main():
         model, tok = load_model(args.model, dev, torch.float32)
     except (OSError, RuntimeError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    memory.check_training(model, tok, cfg | {"dtype": dt}, 2 * args.n_games, 0)   # a size that cannot fit: one line
+    memory.check_training(model.cfg, tok, cfg | {"dtype": dt, "device": dev_name}, 1, False, False)   # a size that cannot fit: one line
     peak32, peak16, bw = matmul_peak(dev, torch.float32), matmul_peak(dev, torch.bfloat16), bandwidth(dev)
     peak = peak16 if dt == "bfloat16" else peak32
     print(f"{dev_name} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'}): "
@@ -277,7 +277,7 @@ def main():
     n_dec = int((ro.decision & trained[:, None]).sum())
     n_train_tok = int(ro.length[trained].sum())
     P = len(pol.chat.first(ro.games[0].intro, "")[0])
-    n_mb = len(train.micro_batches(trained.nonzero().flatten().tolist(), ro.length, devices.micro_batch_tokens(cfg, model)))
+    n_mb = len(train.micro_batches(trained.nonzero().flatten().tolist(), ro.length, devices.micro_batch_tokens(cfg, model.cfg, dev)))
     roll_flops = fwd_flops(model, n_conv - (2 * G - 1) * P, n_sampled)   # each distinct token once
     train_flops = 3 * fwd_flops(model, n_train_tok - (int(trained.sum()) - n_mb) * P, n_dec)
     res = dict(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", dtype=dt, model=args.model,
@@ -304,7 +304,7 @@ def main():
         hf_roll_s = hf_rollout_baseline(hf, ro, pol.chat.eot, dev, autocast, now)
         hf.train()
         hf_opt = torch.optim.Adam(hf.parameters(), lr=1e-5)
-        hf_upd = lambda: hf_update_baseline(hf, hf_opt, ro, credit, trained, devices.micro_batch_tokens(cfg, model), dev,
+        hf_upd = lambda: hf_update_baseline(hf, hf_opt, ro, credit, trained, devices.micro_batch_tokens(cfg, model.cfg, dev), dev,
                                             autocast, now)
         if dev.type == "cuda":                                         # untimed, as ours was (see above)
             hf_upd()

@@ -1,15 +1,24 @@
 """
 devices.py: where a run runs. The device and dtype, the CPU threads, how many tokens one forward/backward may
 take, and under torchrun the process group and the two collectives train.py uses (each process plays its
-share of the games; the credits see every game; the gradients are summed).
+share of the games; the credits see every game; the gradients are summed), and with --fsdp, FSDP2: the policy's
+weights, gradients and Adam state sharded over the processes, a full copy gathered for the rollout to decode.
 
     torchrun --standalone --nproc_per_node 2 train.py --env ipd     # CPUs: gloo; GPUs: NCCL, one per process
+    torchrun --standalone --nproc_per_node 8 train.py --preset paper --model_name Qwen/Qwen2.5-7B-Instruct --fsdp true
 """
 import os
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
+
+from model import Transformer, rope_inv_freq
 
 def check_device(dev):
     """Raise ValueError with one line if dev is not a usable device of this torch build."""
@@ -25,18 +34,19 @@ def check_device(dev):
     if d.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {dev}: only cpu and cuda are supported")
 
-def pick_device_dtype(dev, dt):
+def pick_device_dtype(dev, dt, exists=True):
     """CUDA when present. dtype auto: bf16 autocast on CUDA, fp32 on a CPU. Not a speed test: the dtype
     changes what is learned (results/timings.md), so a CPU run gives the same numbers on any CPU unless
-    --dtype bfloat16 is asked for (faster on CPUs with bf16 instructions; its own results)."""
+    --dtype bfloat16 is asked for (faster on CPUs with bf16 instructions; its own results). exists=False: a device
+    this machine may not have (a dry run's arithmetic for a GPU, on a CPU)."""
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        check_device(dev)
-    except ValueError as e:
+        check_device(dev) if exists else torch.device(dev)
+    except (ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     if dt == "auto":
-        dt = "bfloat16" if dev.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+        dt = "bfloat16" if dev.startswith("cuda") and (not exists or torch.cuda.is_bf16_supported()) else "float32"
     if dt not in ("float32", "bfloat16"):
         sys.exit(f"error: --dtype must be auto, float32 or bfloat16, got {dt!r}")
     return dev, dt
@@ -47,16 +57,15 @@ def use_cpu_threads():
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
 
-def micro_batch_tokens(cfg, model):
-    """Tokens per forward/backward: --micro_tokens, or 0 = per device: 2560 on a CPU (~4 GB of activations
-    for SmolLM2 in fp32), on CUDA what half the free memory holds (~4 bytes x (8 x n_embd + 5 x n_hidden)
-    per token and layer, an estimate), between 512 and 65536."""
+def micro_batch_tokens(cfg, c, dev):
+    """Tokens per forward/backward for a model of Config c on dev: --micro_tokens, or 0 = per device: 2560 on a
+    CPU (~4 GB of activations for SmolLM2 in fp32), on CUDA what half the free memory holds (~4 bytes x
+    (8 x n_embd + 5 x n_hidden) per token and layer, an estimate), between 512 and 65536."""
     if cfg["micro_tokens"] > 0:
         return cfg["micro_tokens"]
-    dev = next(model.parameters()).device
+    dev = torch.device(dev)
     if dev.type != "cuda":
         return 2560
-    c = model.cfg
     per_token = 4 * c.n_layer * (8 * c.n_embd + 5 * c.n_hidden)
     return int(min(max(0.5 * torch.cuda.mem_get_info(dev)[0] / per_token, 512), 65536))
 
@@ -91,9 +100,79 @@ def all_sum(x, world):
     return x
 
 def all_sum_grads(model, world):
-    """Sum every parameter's gradient over the processes (a parameter no micro-batch reached counts as 0)."""
-    if world > 1:
+    """Sum every parameter's gradient over the processes (a parameter no micro-batch reached counts as 0). FSDP's
+    backward already reduced (and sharded) them."""
+    if world > 1 and not isinstance(model, FSDPModule):
         for p in model.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
+
+# -----------------------------------------------------------------------------
+# FSDP2 (--fsdp): each process holds 1/world of every weight, gradient and Adam moment
+
+def shard(model, dev, world, offload=False):
+    """fully_shard each block, then the model (embedding, final norm, head); the shards go to dev, or stay in host
+    memory with offload (CPUOffloadPolicy: Adam steps there, each block comes to the GPU when it computes). The
+    loss is already divided by every process's token count, so the gradients are summed, not averaged."""
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module")   # our blocks return k, v views: never written
+    if not dist.is_initialized():                                       # --fsdp in one process: a group of one
+        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh(torch.device(dev).type, (world,))
+    how = dict(mesh=mesh, offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
+    for block in model.model.layers:
+        fully_shard(block, **how)
+    fully_shard(model, **how)
+    register_fsdp_forward_method(model, "token_logprobs")               # train.py calls it, not forward
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)                  # gloo has no pre-scaled sum
+    return model
+
+@torch.no_grad()
+def gather_into(copy, model):
+    """Fill a plain model (the rollout's copy: the engine decodes it unchanged) with a sharded model's weights: the
+    parameters outside the blocks, then each block's, gathered in turn and cast to the copy's dtype."""
+    mine = dict(copy.named_parameters())
+    for m, prefix in [(model, "")] + [(b, f"model.layers.{i}") for i, b in enumerate(model.model.layers)]:
+        m.unshard()                                                     # this one's weights, whole, on the device
+        for name, p in m.named_parameters(prefix=prefix):
+            if m is not model or not name.startswith("model.layers."):  # the root's own: not the blocks'
+                mine[name].copy_(p)
+        m.reshard()
+
+def rollout_copy(model, dev, dtype):
+    """A plain model on dev in dtype (bf16 on a GPU), filled from the sharded one: what the rollout decodes."""
+    with torch.device("meta"):
+        copy = Transformer(model.cfg)
+    copy = copy.to_empty(device=dev).to(dtype)
+    if copy.cfg.tie_embeddings:                                         # (to_empty unties them)
+        copy.lm_head.weight = copy.model.embed_tokens.weight
+    copy.inv_freq, copy.hf_config = rope_inv_freq(model.cfg).to(dev), model.hf_config
+    gather_into(copy, model)
+    return copy.eval()
+
+def passes_behind(n, model, world, dev):
+    """With FSDP, every process must make as many forward/backward passes (each gathers and reduces with all):
+    how many empty ones this process adds to its n micro-batches."""
+    if world == 1 or not isinstance(model, FSDPModule):
+        return 0
+    most = torch.tensor([n], device=dev)
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most) - n
+
+def full(x):
+    """A DTensor's whole value (clip_grad_norm_ of sharded gradients returns one), or x itself."""
+    return x.full_tensor() if isinstance(x, DTensor) else x
+
+def local_bytes(tensors):
+    """Bytes this process holds of these tensors (of a DTensor: its shard)."""
+    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
+
+def full_state(model, opt):
+    """The model's and Adam's whole state dicts in host memory, keyed by parameter name, on process 0 (the others
+    get empty ones; every process must call it): one format with or without FSDP, so a checkpoint resumes on
+    any number of processes."""
+    how = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=how), get_optimizer_state_dict(model, opt, options=how)

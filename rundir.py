@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
 from load import save_pretrained
 
@@ -139,16 +140,17 @@ def stop_line(d):
 # -----------------------------------------------------------------------------
 # checkpoints
 
-def save_checkpoint(model, tok, opt, it, cfg, snapshots, path):
-    """out_dir/ckpt: the policy as a save_pretrained dir + state.pt. Written to ckpt.tmp (state.pt last, by
+def save_checkpoint(model, tok, state, it, cfg, snapshots, path):
+    """out_dir/ckpt: the policy as a save_pretrained dir + state.pt. state: devices.full_state's (weights, Adam
+    state by parameter name), whole however the run was sharded. Written to ckpt.tmp (state.pt last, by
     rename, so a directory with state.pt is complete), then swapped in; find_checkpoint recovers a crash at
     any point. Ctrl-C waits until the swap is done."""
     tmp, old = path + ".tmp", path + ".old"
     with deferred_interrupt():
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            save_pretrained(model, tok, tmp)
-            torch.save({"iter": it, "optimizer": opt.state_dict(), "config": cfg, "snapshots": snapshots},
+            save_pretrained(model, tok, tmp, state[0])
+            torch.save({"iter": it, "optimizer": state[1], "config": cfg, "snapshots": snapshots},
                        os.path.join(tmp, "state.pt.part"))
         except Exception as e:              # a full disk, a file-size limit (safetensors raises its own error type)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -225,18 +227,22 @@ def resume_config(cfg, given, ckpt, rank, world, default_device="auto"):
         print(f"resume: dtype {cfg['dtype']}, as the checkpoint's run (--dtype changes it)")
     return cfg, state
 
-def resume_optimizer(opt, state, cfg, ckpt, rank=0):
-    """--resume: Adam's state from the checkpoint (at the config's lr and weight decay) and the agent buffer's
-    snapshots still on disk. -> the snapshot paths."""
-    try:
-        opt.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError) as e:
-        sys.exit(f"error: {ckpt}/state.pt: the optimizer state does not fit this model ({e})")
-    for p, s in ((p, opt.state.get(p, {})) for g in opt.param_groups for p in g["params"]):   # as many tensors,
-        bad = [k for k, v in s.items() if torch.is_tensor(v) and v.dim() and v.shape != p.shape]  # other shapes
+def resume_optimizer(model, opt, state, cfg, ckpt, rank=0):
+    """--resume: Adam's state from the checkpoint (at the config's lr and weight decay; sharded as the model is)
+    and the agent buffer's snapshots still on disk. -> the snapshot paths."""
+    osd, names = state["optimizer"], [n for n, _ in model.named_parameters()]
+    if all(isinstance(k, int) for k in osd.get("state", {})):           # written before --fsdp: keyed by position
+        osd = {"state": {names[i]: s for i, s in osd["state"].items() if i < len(names)},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"] if i < len(names)]} for g in osd["param_groups"]]}
+    for name, p in model.named_parameters():                            # as many tensors, other shapes: another model
+        bad = [k for k, v in osd["state"].get(name, {}).items() if torch.is_tensor(v) and v.dim() and v.shape != p.shape]
         if bad:
             sys.exit(f"error: {ckpt}/state.pt: the optimizer state does not fit this model (Adam's {bad[0]} is "
-                     f"{tuple(s[bad[0]].shape)} for a parameter of {tuple(p.shape)}): restore the checkpoint's state.pt")
+                     f"{tuple(osd['state'][name][bad[0]].shape)} for {name} of {tuple(p.shape)}): restore the checkpoint's state.pt")
+    try:
+        set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True))
+    except (ValueError, KeyError, RuntimeError) as e:
+        sys.exit(f"error: {ckpt}/state.pt: the optimizer state does not fit this model ({type(e).__name__}: {str(e)[:100]})")
     for group in opt.param_groups:                                      # a resumed run takes the config's lr
         group["lr"], group["weight_decay"] = cfg["lr"], cfg["weight_decay"]
     listed = [os.path.join(cfg["out_dir"], "snapshots", os.path.basename(f)) for f in state["snapshots"]]

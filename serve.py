@@ -35,7 +35,7 @@ class Batcher:
     def __init__(self, model, tok, wait=0.05, seed=0):
         self.model, self.tok, self.eot, self.wait = model, tok, Chat(tok).eot, wait
         self.todo, self.batches, self.served = queue.Queue(), 0, 0
-        slot = memory.table(model, 1, 1)["kv_cache"]                # a batch's KV cache may take half of what is free
+        slot = memory.kv_bytes(model.cfg, 1, 1)                # a batch's KV cache may take half of what is free
         self.budget = int(0.5 * memory.free_bytes(next(model.parameters()).device) / slot)   # (tokens x rows)
         self.gen = torch.Generator().manual_seed(seed)
         threading.Thread(target=self.run, daemon=True).start()

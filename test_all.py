@@ -1283,7 +1283,7 @@ def test_resume_refuses_an_optimizer_of_other_shapes(tiny_dir, tmp_path):
     TR.main(base + ["--max_iters", "1"])
     f = d / "ckpt" / "state.pt"
     state = torch.load(f, weights_only=True)
-    st = state["optimizer"]["state"][0]
+    st = next(iter(state["optimizer"]["state"].values()))
     st["exp_avg"] = st["exp_avg"].flatten()[:-1]          # a parameter of another shape
     torch.save(state, f)
     with pytest.raises(SystemExit, match="does not fit this model"):
@@ -1806,7 +1806,7 @@ def test_sizes_that_cannot_fit_are_refused_before_allocating(tiny_dir, tmp_path)
     model, tok = LD.load_dir(tiny_dir, "cpu", torch.float32)
     n = [memory.conversation_tokens("tas", tok, 10, m) for m in (16, 64)]
     assert n[1] - n[0] == 10 * 48 and memory.conversation_tokens("ipd", tok, 10, 16) < n[0]   # a message a seat a round
-    kv = [memory.table(model, r, 100)["kv_cache"] for r in (8, 16)]
+    kv = [memory.kv_bytes(model.cfg, r, 100) for r in (8, 16)]
     assert kv[1] == 2 * kv[0] > 0
 
 def test_write_errors_are_one_line(tiny_dir, tmp_path, monkeypatch, capsys):

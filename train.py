@@ -36,7 +36,7 @@ import envs
 import memory
 import rundir
 from configurator import parse_args, resolve
-from load import load_dir, load_model
+from load import load_dir, load_model, model_config
 from remote import api_policy
 from rollout import FixedPolicy, LMPolicy, memory_one, readout, readout_means, rollout
 
@@ -81,6 +81,9 @@ grad_clip = 1.0           # max gradient norm
 skip_no_signal = True     # skip the step when every credit is 0: Adam would turn a tiny entropy/KL gradient into a full step
 micro_tokens = 0          # tokens per forward/backward; 0 = per device (CPU 2560: ~1.5 GB per 1000 tokens of SmolLM2 in fp32)
 device = "auto"           # auto | cpu | cuda | cuda:1 ...
+fsdp = False              # shard the policy's weights, gradients and Adam over the processes (FSDP2; torchrun, devices.py)
+fsdp_offload = False      # with --fsdp on CUDA: keep the shards in host memory (a model whose state exceeds the GPUs)
+dry_run = False           # print what each process will hold in memory (memory.py) and stop, loading no weights
 dtype = "auto"            # auto (cuda: bfloat16, cpu: float32) | float32 | bfloat16: autocast dtype (weights stay fp32)
 preset = ""               # "paper": the released hyperparameters (128/64 games, lr 3e-6) on Qwen2.5-1.5B (a GPU)
 # -----------------------------------------------------------------------------
@@ -148,7 +151,7 @@ def update(model, ref_model, opt, ro, credit, trained, cfg, autocast, world=1):
     alone moves the weights as far as a real one."""
     tok_credit = token_credits(ro, credit)                              # (N, L)
     decision = ro.decision & trained[:, None]                          # (N, L)
-    dev = next(model.parameters()).device
+    dev = cfg["device"] if cfg.get("fsdp_offload") else next(model.parameters()).device   # (offload: weights in host memory)
     n_tok, n_credited = devices.all_sum(torch.tensor([decision.sum().item(), tok_credit[decision].abs().gt(0).sum().item()],
                                                      dtype=torch.float64, device=dev), world).tolist()
     stats = dict(loss=0.0, entropy=0.0, kl=0.0, n_tok=int(n_tok), skipped="")
@@ -157,7 +160,10 @@ def update(model, ref_model, opt, ro, credit, trained, cfg, autocast, world=1):
         return stats
     opt.zero_grad(set_to_none=True)
     total = torch.zeros(3, device=dev)                                  # loss, entropy, kl sums: read once, at the end
-    for ids, mask, allowed, P, c in batches(ro, decision, tok_credit, trained, devices.micro_batch_tokens(cfg, model), dev):
+    todo = list(batches(ro, decision, tok_credit, trained, devices.micro_batch_tokens(cfg, model.cfg, dev), dev))
+    empty = (ro.ids[:1, :2].to(dev), torch.zeros(1, 2, dtype=torch.bool, device=dev), ro.allowed[:0, 0].to(dev), 0,
+             torch.zeros(0, device=dev))                                # FSDP: every process makes as many passes
+    for ids, mask, allowed, P, c in todo + [empty] * devices.passes_behind(len(todo), model, world, dev):
         with autocast:
             logp, ent = model.token_logprobs(ids, mask, allowed, P, cfg["temperature"])
         loss = -(c * logp).sum() - cfg["entropy_coef"] * ent.sum()
@@ -172,7 +178,7 @@ def update(model, ref_model, opt, ro, credit, trained, cfg, autocast, world=1):
         total += torch.stack([loss.detach(), ent.sum().detach(), k3.detach()]) / n_tok
     devices.all_sum_grads(model, world)                                 # several processes: one summed gradient
     stats["loss"], stats["entropy"], stats["kl"] = devices.all_sum(total, world).tolist()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+    norm = devices.full(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"]))
     if not math.isfinite(stats["loss"]) or not torch.isfinite(norm):
         opt.zero_grad(set_to_none=True)
         stats["skipped"] = "non-finite loss or gradient"
@@ -184,10 +190,11 @@ def update(model, ref_model, opt, ro, credit, trained, cfg, autocast, world=1):
 # -----------------------------------------------------------------------------
 # opponents and seats
 
-def setup_opponents(cfg, tok, dev, ckpt):
+def setup_opponents(cfg, tok, dev, ckpt, dtype=torch.float32):
     """The other seat's policies: --opponent (a fixed strategy or a frozen checkpoint), or for AA the agent
     buffer's network (its weights swapped for a snapshot each iteration) plus its fixed strategies; naive and
-    sum play themselves. -> (opponent policy or None, its network or None, [fixed buffer policies])."""
+    sum play themselves. dtype: the frozen networks' weights. -> (opponent policy or None, its network or None,
+    [fixed buffer policies])."""
     env = cfg["env"]
     strategies = envs.GAMES[env].strategies
     if cfg["opponent"] in strategies:
@@ -199,7 +206,7 @@ def setup_opponents(cfg, tok, dev, ckpt):
             sys.exit(f"error: --opponent: {e}")
     if cfg["opponent"]:
         try:
-            opp_model, opp_tok = load_model(cfg["opponent"], dev, torch.float32)
+            opp_model, opp_tok = load_model(cfg["opponent"], dev, dtype)
         except (OSError, RuntimeError, ValueError) as e:
             sys.exit(f"error: --opponent is neither one of the {env} strategies ({', '.join(strategies)}) "
                      f"nor a loadable model: {e}")
@@ -207,7 +214,7 @@ def setup_opponents(cfg, tok, dev, ckpt):
         return LMPolicy(opp_model.eval(), opp_tok, "frozen"), opp_model, []
     if cfg["algo"] != "adalign":
         return None, None, []
-    opp_model = load_dir(ckpt, dev, torch.float32)[0] if ckpt else load_model(cfg["model_name"], dev, torch.float32)[0]
+    opp_model = load_dir(ckpt, dev, dtype)[0] if ckpt else load_model(cfg["model_name"], dev, dtype)[0]
     fixed = [FixedPolicy(env, n) for n in cfg["buffer_fixed"].split(",") if n]
     return LMPolicy(opp_model.eval(), tok, "snapshot"), opp_model, fixed
 
@@ -263,28 +270,50 @@ def main(argv):
     cfg = resolve(cfg, given, world)
     if rank_dev and cfg["device"] in ("auto", "cuda"):
         cfg["device"] = rank_dev
-    cfg["device"], cfg["dtype"] = devices.pick_device_dtype(cfg["device"], cfg["dtype"])
+    cfg["device"], cfg["dtype"] = devices.pick_device_dtype(cfg["device"], cfg["dtype"], exists=not cfg["dry_run"])
     dev, dt = cfg["device"], cfg["dtype"]
+    if cfg["fsdp_offload"] and not dev.startswith("cuda"):
+        sys.exit("error: --fsdp_offload moves the shards from the GPU to host memory: on a CPU they are there already")
     torch.manual_seed(cfg["seed"])
-    # setup. the policy; the other seat's policies and the KL term's frozen initial model, before out_dir is touched
-    #    (a bad --opponent leaves no run directory behind); the run directory; the optimizer
+    # setup. what each process will hold, before any weights load: --dry_run prints it; a run that cannot fit stops
     try:
-        model, tok = load_dir(ckpt, dev, torch.float32) if state else load_model(cfg["model_name"], dev, torch.float32)
+        c, tok = model_config(ckpt if state else cfg["model_name"])
     except (OSError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
-    opp, opp_model, fixed = setup_opponents(cfg, tok, dev, ckpt if state else None)
+    lm_opponent = cfg["opponent"] not in envs.GAMES[cfg["env"]].strategies and not cfg["opponent"].startswith("api:") \
+        and (cfg["opponent"] or cfg["algo"] == "adalign")
+    mem = memory.check_training(c, tok, cfg, world, lm_opponent, cfg["kl_coef"] > 0)
+    if cfg["dry_run"]:
+        if rank == 0:
+            print(memory.show(mem, f"{cfg['model_name']} ({memory.n_params(c)[0] / 1e9:.2f}B parameters) on {dev}, "
+                              f"{world} process(es), fsdp {cfg['fsdp']}, offload {cfg['fsdp_offload']}, dtype {dt}:"))
+        return
+    # setup. the policy (--fsdp: whole in host memory, then sharded, and a full copy gathered for the rollout); the
+    #    other seat's policies and the KL term's frozen initial model, before out_dir is touched (a bad --opponent
+    #    leaves no run directory behind); the run directory; the optimizer
+    home = "cpu" if cfg["fsdp"] else dev
+    frozen = torch.bfloat16 if cfg["fsdp"] and dt == "bfloat16" else torch.float32
+    try:
+        model, tok = load_dir(ckpt, home, torch.float32) if state else load_model(cfg["model_name"], home, torch.float32)
+    except (OSError, RuntimeError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    opp, opp_model, fixed = setup_opponents(cfg, tok, dev, ckpt if state else None, frozen)
     ref_model = None
     if cfg["kl_coef"] > 0:
-        ref_model = load_model(cfg["model_name"], dev, torch.float32)[0].eval().requires_grad_(False)
-    memory.check_training(model, tok, cfg, 2 * cfg["n_games"] // world, (opp_model is not None) + (ref_model is not None))
+        ref_model = load_model(cfg["model_name"], home, frozen)[0].eval().requires_grad_(False)
+    player = model                                                      # what the rollout decodes
+    if cfg["fsdp"]:
+        for m in (model, ref_model) if ref_model is not None else (model,):
+            devices.shard(m, dev, world, cfg["fsdp_offload"])
+        player = devices.rollout_copy(model, dev, frozen)
     if rank == 0:                                                       # process 0 prints, logs and saves
         print("config: " + json.dumps(cfg))
     log = rundir.open_run(cfg, sum(p.numel() for p in model.parameters()), start, rank, world)
     devices.use_cpu_threads()
     autocast = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16) if dt == "bfloat16" else nullcontext()
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    snapshots = rundir.resume_optimizer(opt, state, cfg, ckpt, rank) if state else []
-    live, G, game = LMPolicy(model, tok, "live"), cfg["n_games"], envs.GAMES[cfg["env"]]
+    snapshots = rundir.resume_optimizer(model, opt, state, cfg, ckpt, rank) if state else []
+    live, G, game = LMPolicy(player, tok, "live"), cfg["n_games"], envs.GAMES[cfg["env"]]
     local = range(rank * G // world, (rank + 1) * G // world)          # this process's games
     rows = slice(2 * local.start, 2 * local.stop)                      # and their trajectories
     for it in range(start, cfg["max_iters"]):
@@ -312,32 +341,37 @@ def main(argv):
         t_upd = time.time()
         stats = (update(model, ref_model, opt, ro, credit[rows], trained[rows], cfg, autocast, world)
                  if keep.float().mean() >= 0.5 else dict(loss=0.0, n_tok=0, skipped="most games' API replies failed"))
+        if cfg["fsdp"] and not stats["skipped"]:
+            devices.gather_into(player, model)                          # the rollout's copy, updated
         t_upd = time.time() - t_upd
         # 5. the AA agent buffer: a snapshot of the policy every buffer_interval iterations
         if cfg["algo"] == "adalign" and not cfg["opponent"] and (it + 1) % cfg["buffer_interval"] == 0:
-            snapshots = rundir.push_snapshot(model, cfg, it + 1, snapshots, rank, world)
+            snapshots = rundir.push_snapshot(player, cfg, it + 1, snapshots, rank, world)
         # 6. log (process 0) and checkpoint (the others wait for it)
         dt_it = time.time() - t0
         invalid = devices.gather_rows(ro.invalid, world, dev)
         play = devices.gather_rows(readout(ro, cfg["env"]), world, dev)
         n_tokens = int(devices.all_sum(torch.tensor([int(ro.length.sum())], device=dev), world).item())
         save_now = (it + 1) % cfg["ckpt_interval"] == 0 or it + 1 == cfg["max_iters"]
+        whole = devices.full_state(model, opt) if save_now else None    # every process takes part; process 0 gets it
         if rank == 0:
             m = metrics(rewards, invalid, play, trained, cfg["env"])
             rec = dict(iter=it, env=cfg["env"], **m, **stats, failed_games=int((~keep[0::2]).sum()), time=dt_it,
                        rollout_s=t_roll, update_s=t_upd, tokens=n_tokens, tok_per_s=n_tokens / dt_it,
-                       threads=torch.get_num_threads())  # a CPU's sums, so the sampled text, can depend on the threads
+                       threads=torch.get_num_threads(),  # a CPU's sums, so the sampled text, can depend on the threads
+                       param_bytes=devices.local_bytes(model.parameters()),    # this process's (a shard with --fsdp)
+                       optim_bytes=devices.local_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)))
             if save_now and game.memory_one:
                 model.eval()
                 rec["memory_one"] = memory_one(live)                    # P(C) at opening, CC, CD, DC, DD
                 rec["best_response"] = envs.ipd_best_response(rec["memory_one"])  # exploiter / policy per round
             rundir.write_log(log, rec, game.readout)                    # to log.jsonl, and a line to read
             if save_now:
-                rundir.save_checkpoint(model, tok, opt, it + 1, cfg, snapshots, ckpt)
+                rundir.save_checkpoint(model, tok, whole, it + 1, cfg, snapshots, ckpt)
         if save_now and world > 1:
             dist.barrier()
     rundir.close_run(log, cfg, rank)
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 if __name__ == "__main__":
