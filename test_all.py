@@ -1955,6 +1955,117 @@ def test_torchrun_two_processes_equal_one(tiny_dir, tmp_path):
     assert more.returncode == 0, more.stderr[-2000:]
     assert [json.loads(l)["iter"] for l in open(tmp_path / "two" / "log.jsonl")] == [0, 1, 2]
 
+def test_fsdp_two_processes_equal_one_and_resume_across_world_sizes(tiny_dir, tmp_path):
+    """torchrun --fsdp true with 2 processes (gloo) trains as 1 plain process does: Split with AA, its agent buffer
+    (a snapshot each iteration) and the KL term (a sharded reference model): the same games, the same losses and
+    checkpoint (fp32 tolerance), while each process holds half of the parameters and of Adam's state (logged). A
+    checkpoint resumes on the other world size, both ways, as the uninterrupted run goes on."""
+    import subprocess
+    import sys
+    from safetensors.torch import load_file
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = ["train.py", "--env", "split", "--model_name", tiny_dir, "--n_games", "4", "--group_size", "2", "--n_rounds", "2",
+            "--ckpt_interval", "1", "--lr", "1e-3", "--kl_coef", "0.1", "--buffer_interval", "1"]
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + base + ["--fsdp", "true"]
+    def run(cmd, d, *more):
+        r = subprocess.run(cmd + ["--out_dir", str(tmp_path / d), *more], cwd=here, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return [json.loads(l) for l in open(tmp_path / d / "log.jsonl")]
+    weights = lambda d: load_file(tmp_path / d / "ckpt" / "model.safetensors")
+    one = run([sys.executable] + base, "one", "--max_iters", "3")          # the uninterrupted run
+    run([sys.executable] + base, "plain", "--max_iters", "2")
+    w_plain = weights("plain")
+    sharded = run(two, "fsdp", "--max_iters", "2")
+    for a, b in zip(one, sharded):
+        for k in ("reward_seat0", "reward_seat1", "welfare", "claim_more", "n_tok", "tokens"):
+            assert a[k] == b[k], k
+        for k in ("loss", "kl", "entropy", "grad_norm"):                  # (grad_norm: summed, not averaged)
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), k
+        assert b["param_bytes"] == pytest.approx(a["param_bytes"] / 2, rel=0.01)
+        assert b["optim_bytes"] == pytest.approx(a["optim_bytes"] / 2, rel=0.01)
+    assert one[1]["kl"] > 0 and not any(r["skipped"] for r in one)
+    # Adam's step is ~lr wherever a gradient is not tiny: a lost or doubled gradient would move weights by ~1e-3; the
+    # gradients summed in another order move a few elements whose gradient is near Adam's eps by up to ~1e-5
+    step = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for k, v in weights("fsdp").items():                                   # one HF directory, whole
+        step(v, w_plain[k])
+    resumed = [run(two, "plain", "--max_iters", "3", "--resume"),             # plain -> 2 processes sharded
+               run([sys.executable] + base, "fsdp", "--max_iters", "3", "--resume", "--fsdp", "false")]   # and back
+    for log in resumed:
+        assert [r["iter"] for r in log] == [0, 1, 2]
+        assert log[2]["welfare"] == one[2]["welfare"] and log[2]["loss"] == pytest.approx(one[2]["loss"], rel=1e-4)
+    for k, v in weights("one").items():
+        step(weights("plain")[k], v)
+        step(weights("fsdp")[k], v)
+
+def test_fsdp_update_with_uneven_micro_batches(tiny_dir, tmp_path):
+    """With FSDP every process must make as many forward/backward passes (each gathers and reduces with all):
+    process 0 trains 3 rows in 3 micro-batches, process 1 one row in 1 (and 2 empty passes). The sharded update
+    equals one plain process's over the same 4 rows: the same loss and gradient norm (summed, not averaged)."""
+    import subprocess
+    import sys
+    script = tmp_path / "uneven.py"
+    script.write_text(f"""
+import sys
+from contextlib import nullcontext
+import torch, torch.distributed as dist
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+import devices, load, rollout, train
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+cfg = dict(entropy_coef=0.01, kl_coef=0.0, micro_tokens=1, grad_clip=1.0, temperature=1.0, skip_no_signal=True)
+def step(local, trained, world):
+    model, tok = load.load_dir({tiny_dir!r}, "cpu", torch.float32)
+    if world > 1:
+        devices.shard(model, "cpu", world)
+    ro = rollout.rollout("split", [rollout.LMPolicy(model if world == 1 else devices.rollout_copy(model, "cpu", torch.float32),
+                         tok)], torch.zeros(4, 2, dtype=torch.long), 4, seed=0, n_rounds=2, local=local)
+    credit = torch.linspace(-1, 1, 8 * ro.rewards.size(1)).view(8, -1)[2 * local.start:2 * local.stop]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return train.update(model, None, opt, ro, credit, trained, cfg, nullcontext(), world)
+T, F = True, False
+s = step(range(2 * rank, 2 * rank + 2), torch.tensor([[T, T, T, F], [T, F, F, F]][rank]), 2)
+if rank == 0:
+    p = step(range(4), torch.tensor([T, T, T, F, T, F, F, F]), 1)
+    print("RESULT", s["loss"], p["loss"], s["grad_norm"], p["grad_norm"], s["n_tok"], p["n_tok"])
+dist.destroy_process_group()
+""")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    loss, loss1, norm, norm1, n, n1 = map(float, r.stdout.split("RESULT")[1].split())
+    assert n == n1 > 0 and loss == pytest.approx(loss1, rel=1e-5) and norm == pytest.approx(norm1, rel=1e-5)
+
+def test_dry_run_table_and_what_would_fit(tmp_path, capsys, monkeypatch):
+    """--dry_run prints each process's memory for a model it does not load (a 7B shape, a GPU this machine lacks) and
+    makes no run directory; the table's sizes are the arithmetic (parameters counted as model.py builds them). A run
+    that cannot fit is refused before loading, with the table and the knob that would make it fit."""
+    from model import Transformer
+    tok = LD.read_tokenizer(LD.embedded_dir())
+    for shape in LD.SHAPES:
+        c = LD.config_from_hf(LD.random_hf(shape, tok))
+        with torch.device("meta"):
+            assert memory.n_params(c)[0] == sum(p.numel() for p in Transformer(c).parameters())
+    c = LD.config_from_hf(LD.random_hf("qwen2.5-7b", tok))
+    TR.main(["--dry_run", "true", "--model_name", "random:qwen2.5-7b", "--device", "cuda", "--env", "tas", "--fsdp", "true",
+             "--fsdp_offload", "true", "--out_dir", str(tmp_path / "o")])
+    out = capsys.readouterr().out.splitlines()
+    n = memory.n_params(c)[0]
+    rows = {line[:25].strip(): [float(x) for x in line[25:].split()] for line in out[2:]}
+    assert rows["weights (fp32)"] == [0.0, round(4 * n / memory.GiB, 2)] and rows["adam (2 moments)"][1] == round(8 * n / memory.GiB, 2)
+    assert rows["rollout copy"] == [round(2 * n / memory.GiB, 2), 0.0]           # bf16 on the GPU
+    assert not os.path.exists(tmp_path / "o")
+    cfg = TR.resolve(TR.defaults() | {"env": "tas", "device": "cuda:0", "dtype": "bfloat16"})
+    t1, t8 = (memory.table(c, cfg | {"fsdp": True}, 8, 1000, world=w) for w in (1, 8))
+    assert t8["weights (fp32)"][0] == pytest.approx(t1["weights (fp32)"][0] / 8, abs=8)
+    monkeypatch.setattr(memory, "free_bytes", lambda dev: 80 * memory.GiB)      # an H100
+    for world, fix in ((8, "--fsdp true would fit"), (1, "--fsdp true --fsdp_offload true would fit")):
+        with pytest.raises(SystemExit, match=fix):
+            memory.check_training(c, tok, cfg, world, False, False)
+        assert "weights (fp32)" in capsys.readouterr().err                      # the table, on stderr
+    assert memory.check_training(c, tok, cfg | {"fsdp": True}, 8, True, True)    # fits: no exit
+
 def test_credit_check_features():
     """results/scripts/credit_check.py reads the item worth less / more and the hand of a round: a wrong index would flip its tables in results/split.md and tas.md."""
     import importlib.util
