@@ -166,7 +166,7 @@ def hf_update_baseline(hf, opt, ro, credit, trained, micro_tokens, dev, autocast
     n_tok = int(decision.sum())
     t0 = now()
     opt.zero_grad(set_to_none=True)
-    for mb in train.micro_batches(trained.nonzero().flatten().tolist(), ro.length, micro_tokens):
+    for mb in devices.micro_batches(trained.nonzero().flatten().tolist(), ro.length, micro_tokens):
         L = int(ro.length[mb].max())
         ids, mask = ro.ids[mb, :L].to(dev), decision[mb, :L].to(dev)
         att = (torch.arange(L)[None] < ro.length[mb][:, None]).long().to(dev)
@@ -277,7 +277,7 @@ def main():
     n_dec = int((ro.decision & trained[:, None]).sum())
     n_train_tok = int(ro.length[trained].sum())
     P = len(pol.chat.first(ro.games[0].intro, "")[0])
-    n_mb = len(train.micro_batches(trained.nonzero().flatten().tolist(), ro.length, devices.micro_batch_tokens(cfg, model.cfg, dev)))
+    n_mb = len(devices.micro_batches(trained.nonzero().flatten().tolist(), ro.length, devices.micro_batch_tokens(cfg, model.cfg, dev)))
     roll_flops = fwd_flops(model, n_conv - (2 * G - 1) * P, n_sampled)   # each distinct token once
     train_flops = 3 * fwd_flops(model, n_train_tok - (int(trained.sum()) - n_mb) * P, n_dec)
     res = dict(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", dtype=dt, model=args.model,

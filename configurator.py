@@ -97,6 +97,8 @@ def resolve(cfg, given=(), world=1):
     if cfg["n_games"] % (world * cfg["group_size"]):
         sys.exit(f"error: {world} processes need n_games ({cfg['n_games']}) to be a multiple of {world} x group_size "
                  f"({cfg['group_size']}): each plays whole groups")
+    if cfg["fsdp_offload"] and not cfg["fsdp"]:
+        sys.exit("error: --fsdp_offload true needs --fsdp true (it keeps the shards in host memory)")
     if cfg["gamma"] > 1 or cfg["lr"] <= 0 or cfg["temperature"] <= 0:    # gamma 0: each round's credit is its own
         sys.exit("error: need 0 <= gamma <= 1, lr > 0 and temperature > 0")
     for k in ("buffer_prob", "buffer_fixed_prob"):

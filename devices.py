@@ -69,6 +69,17 @@ def micro_batch_tokens(cfg, c, dev):
     per_token = 4 * c.n_layer * (8 * c.n_embd + 5 * c.n_hidden)
     return int(min(max(0.5 * torch.cuda.mem_get_info(dev)[0] / per_token, 512), 65536))
 
+def micro_batches(rows, length, max_tokens):
+    """Split rows into consecutive micro-batches of at most max_tokens padded tokens (at least one row)."""
+    out, cur, L = [], [], 0                                             # L: the longest row in cur
+    for r in rows:
+        if cur and (len(cur) + 1) * max(L, int(length[r])) > max_tokens:
+            out.append(cur)
+            cur, L = [], 0
+        cur.append(r)
+        L = max(L, int(length[r]))
+    return out + [cur] if cur else out
+
 # -----------------------------------------------------------------------------
 # several processes (torchrun)
 
@@ -115,6 +126,8 @@ def shard(model, dev, world, offload=False):
     """fully_shard each block, then the model (embedding, final norm, head); the shards go to dev, or stay in host
     memory with offload (CPUOffloadPolicy: Adam steps there, each block comes to the GPU when it computes). The
     loss is already divided by every process's token count, so the gradients are summed, not averaged."""
+    if offload and not dev.startswith("cuda"):
+        sys.exit("error: --fsdp_offload moves the shards from the GPU to host memory: on a CPU they are there already")
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")   # our blocks return k, v views: never written
     if not dist.is_initialized():                                       # --fsdp in one process: a group of one
         dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo", store=dist.HashStore(), rank=0, world_size=1)

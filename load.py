@@ -103,13 +103,17 @@ def load_model(name=EMBEDDED, device="cpu", dtype=torch.float32):
         return random_model(name[len("random:"):], device, dtype)
     path = model_path(name)
     model, tok = load_dir(path, device, dtype)
+    return model, chat_tokenizer(tok, path)
+
+def chat_tokenizer(tok, path):
+    """tok, if it is a chat model's tokenizer (the games are chats: rollout.Chat reads its template); else one line."""
     if tok is None:
         raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json, tokenizer_config.json): copy them "
                                 "from the model it was trained from")
-    if not getattr(tok, "chat_template", None):           # the games are chats: rollout.Chat reads the template
+    if not getattr(tok, "chat_template", None):
         raise ValueError(f"{path}: its tokenizer has no chat template: use a chat (instruct) model, or add a "
                          "chat_template to its tokenizer_config.json")
-    return model, tok
+    return tok
 
 def model_config(name):
     """-> (Config, tokenizer) of the model load_model(name) would load, reading no weights (train.py's dry run)."""
@@ -118,7 +122,7 @@ def model_config(name):
         tok = AutoTokenizer.from_pretrained(embedded_dir())
         return config_from_hf(random_hf(name[len("random:"):], tok)), tok
     path = model_path(name)
-    return read_config(path)[1], read_tokenizer(path)
+    return read_config(path)[1], chat_tokenizer(read_tokenizer(path), path)
 
 def model_path(name):
     """The local directory of a model name: the embedded model's, a directory, or a hub id's download."""

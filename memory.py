@@ -15,7 +15,9 @@ import sys
 
 import torch
 
+import devices
 import envs
+from load import model_config
 from rollout import Chat
 
 GiB = 2 ** 30
@@ -54,12 +56,14 @@ def table(c, cfg, n_rows, tokens, world=1, opponent=False, reference=False):
     """Bytes per process by item, {item: (on the device, in host memory)}, for a train.py run of cfg on a model of
     Config c: n_rows conversations of up to `tokens` tokens (the KV cache), world processes. Held throughout: the
     fp32 weights, gradients and Adam's two moments (1/world of each with --fsdp; in host memory with
-    --fsdp_offload), the frozen copies; then the larger phase: the rollout's KV cache, or the update's activations
-    (with --fsdp, plus the parameters and gradients of the blocks gathered at a time: two, and the rest)."""
+    --fsdp_offload), the frozen copies; then the largest phase: loading (--fsdp: each process reads the whole
+    model before sharding it), the rollout's KV cache, or the update's activations (with --fsdp, plus the
+    parameters and gradients gathered at a time: the embedding and head, and two blocks)."""
     n, outside = n_params(c)
     S = world if cfg["fsdp"] else 1
     half = 2 if cfg["dtype"] == "bfloat16" else 4                         # autocast's bytes: the copies, the cache
-    state = lambda b: (0, b) if cfg["fsdp_offload"] else (b, 0)
+    host = lambda b: (b, 0) if cfg["device"] == "cpu" else (0, b)
+    state = lambda b: host(b) if cfg["fsdp_offload"] else (b, 0)
     t = {"weights (fp32)": state(4 * n // S), "gradients": state(4 * n // S), "adam (2 moments)": state(8 * n // S)}
     if cfg["fsdp"]:                                                       # the rollout decodes a full, gathered copy
         t["rollout copy"] = (half * n, 0)
@@ -67,6 +71,8 @@ def table(c, cfg, n_rows, tokens, world=1, opponent=False, reference=False):
         t["opponent"] = (half * n if cfg["fsdp"] else 4 * n, 0)
     if reference:                                                         # the KL term's model: sharded as the policy
         t["reference"] = state(half * n // S) if cfg["fsdp"] else (4 * n, 0)
+    if cfg["fsdp"]:
+        t["loading: whole model"] = host(4 * n)
     micro = cfg["micro_tokens"] or (512 if cfg["device"].startswith("cuda") else 2560)  # CUDA's automatic: its least
     t["rollout: kv cache"] = (kv_bytes(c, n_rows, tokens, half), 0)
     t["update: activations"] = (micro * 4 * c.n_layer * (8 * c.n_embd + 5 * c.n_hidden), 0)
@@ -74,13 +80,12 @@ def table(c, cfg, n_rows, tokens, world=1, opponent=False, reference=False):
         t["update: gathered"] = (2 * 4 * (outside + 2 * (n - outside) // c.n_layer), 0)
     return t
 
-PHASES = ("rollout: kv cache", "update: activations", "update: gathered")
-
 def peak(t, where=0):
-    """Bytes at the peak (where 0: on the device, 1: in host memory): everything held, plus the larger phase."""
-    held = sum(v[where] for k, v in t.items() if k not in PHASES)
-    update = t["update: activations"][where] + t.get("update: gathered", (0, 0))[where]
-    return held + max(t["rollout: kv cache"][where], update)
+    """Bytes at the peak (where 0: on the device, 1: in host memory): everything held, plus the largest phase."""
+    get = lambda k: t.get(k, (0, 0))[where]
+    held = sum(v[where] for k, v in t.items() if ":" not in k)             # the phases' items are named "phase: ..."
+    return held + max(get("loading: whole model"), get("rollout: kv cache"),
+                      get("update: activations") + get("update: gathered"))
 
 def show(t, title):
     """The table as text, in GiB."""
@@ -99,27 +104,58 @@ def free_bytes(dev):
     except (OSError, StopIteration, ValueError, IndexError):
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
+def measured(model, opt, dev):
+    """What this process holds of the policy's weights and Adam's state (a shard of each with --fsdp), and has held
+    at most: its resident set (max RSS), and on a GPU the allocator's peak. -> {name: bytes}, for the log."""
+    import resource
+    out = {"param_bytes": devices.local_bytes(model.parameters()),
+           "optim_bytes": devices.local_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)),
+           "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}   # (Linux: KiB)
+    if str(dev).startswith("cuda"):
+        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(dev)
+    return out
+
 def check(need, dev, knobs):
-    """Stop with one line if `need` bytes more than are in use do not fit the device's free memory."""
+    """Stop with one line if `need` bytes more than are in use do not fit the device's free memory (eval.py)."""
     free = free_bytes(dev)
     if need > free:
         sys.exit(f"error: this needs ~{need / GiB:.1f} GiB more on {dev}, and {free / GiB:.1f} GiB are free: {knobs}")
 
 def check_training(c, tok, cfg, world, opponent, reference):
-    """train.py's check, before any weights load: if the run cannot fit, its table, then one line naming what would
-    make it fit. -> the table."""
+    """train.py's check, before any weights load: if the run cannot fit (on its device, or in host memory, which a
+    machine's processes share), its table, then one line naming what would make it fit. -> the table."""
     dev, tokens = cfg["device"], conversation_tokens(cfg["env"], tok, cfg["n_rounds"], cfg["max_msg_tokens"])
     size = lambda **k: table(c, {**cfg, **k}, 2 * cfg["n_games"] // world, tokens, world, opponent, reference)
-    t, share = size(), int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if dev == "cpu" else 1   # CPU processes share it
-    if cfg["dry_run"] or peak(t) * share <= free_bytes(dev):
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    need = lambda t: (peak(t) * (local if dev == "cpu" else 1), peak(t, 1) * local)   # (on dev, on the host)
+    fits = lambda t: need(t)[0] <= free_bytes(dev) and (dev == "cpu" or need(t)[1] <= free_bytes("cpu"))
+    t = size()
+    if cfg["dry_run"] or fits(t):
         return t
     ways = ([("--fsdp true", dict(fsdp=True))] if world > 1 and not cfg["fsdp"] else []) + (
         [("--fsdp true --fsdp_offload true", dict(fsdp=True, fsdp_offload=True))] if dev.startswith("cuda") else [])
-    fit = next((w for w, k in ways if peak(size(**k)) * share <= free_bytes(dev)), None)
+    fit = next((w for w, k in ways if fits(size(**k))), None)
     print(show(t, f"memory per process on {dev}:"), file=sys.stderr)
-    check(peak(t) * share, dev, f"{fit} would fit" if fit else "lower --n_games, --max_msg_tokens, --n_rounds or "
-          "--micro_tokens, or shard the state over more processes (torchrun --nproc_per_node N ... --fsdp true)")
-    return t
+    d, h = need(t)
+    sys.exit(f"error: this needs ~{d / GiB:.1f} GiB on {dev} ({free_bytes(dev) / GiB:.1f} free)"
+             + ("" if dev == "cpu" else f" and ~{h / GiB:.1f} GiB of host memory ({free_bytes('cpu') / GiB:.1f} free)")
+             + (f": {fit} would fit" if fit else ": lower --n_games, --max_msg_tokens, --n_rounds or --micro_tokens, "
+                "or shard the state over more processes (torchrun --nproc_per_node N ... --fsdp true)"))
+
+def plan(cfg, name, world, rank):
+    """train.py's memory plan, before any weights of model `name` load: with --dry_run, print the table (process 0)
+    -> True, to stop there; else check_training's check -> False."""
+    try:
+        c, tok = model_config(name)
+    except (OSError, RuntimeError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    op = cfg["opponent"]
+    decodes = op not in envs.GAMES[cfg["env"]].strategies and not op.startswith("api:") and (op or cfg["algo"] == "adalign")
+    t = check_training(c, tok, cfg, world, bool(decodes), cfg["kl_coef"] > 0)
+    if cfg["dry_run"] and rank == 0:
+        print(show(t, f"{cfg['model_name']} ({n_params(c)[0] / 1e9:.2f}B parameters) on {cfg['device']}, {world} "
+                      f"process(es), fsdp {cfg['fsdp']}, offload {cfg['fsdp_offload']}, dtype {cfg['dtype']}:"))
+    return cfg["dry_run"]
 
 def check_play(pol, env, n_games, n_rounds, max_msg_tokens):
     """eval.py's check for a language-model policy (already loaded): it may hold both seats of every game."""

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
 from load import save_pretrained
+from rollout import readout_means
 
 # -----------------------------------------------------------------------------
 # the directory and its lock
@@ -107,6 +108,17 @@ def open_run(cfg, n_params, start, rank=0, world=1):
     if err[0]:
         sys.exit(err[0])
     return log
+
+def metrics(r, invalid, play, trained, env):
+    """Per-round means of the iteration, over every process's games: r (N, T) rewards, invalid (N, T), play: the
+    game's readout (N, T, K, 2) of rollout.readout (IPD cooperation, Split / TAS claims by situation)."""
+    seat = torch.arange(r.size(0)) % 2
+    m = {"reward_seat0": r[seat == 0].mean().item(), "reward_seat1": r[seat == 1].mean().item(),
+         "reward_trained": r[trained].mean().item(), "welfare": (r[0::2] + r[1::2]).mean().item(),
+         "invalid": invalid[trained].float().mean().item()}
+    if not trained.all():                                               # the other seat: its reward, its invalid moves
+        m["reward_opponent"], m["invalid_opponent"] = r[~trained].mean().item(), invalid[~trained].float().mean().item()
+    return {**m, **readout_means(play[trained].sum((0, 1)), env)}     # the trained seats' readout
 
 def write_log(log, rec, readout=()):
     """One iteration: its JSON line in log.jsonl, then a line on the terminal (readout: the game's keys to show)."""

@@ -36,9 +36,9 @@ import envs
 import memory
 import rundir
 from configurator import parse_args, resolve
-from load import load_dir, load_model, model_config
+from load import load_dir, load_model
 from remote import api_policy
-from rollout import FixedPolicy, LMPolicy, memory_one, readout, readout_means, rollout
+from rollout import FixedPolicy, LMPolicy, memory_one, readout, rollout
 
 # -----------------------------------------------------------------------------
 # config: every knob, with its default. Override with --key value or --key=value.
@@ -122,21 +122,10 @@ def shared_prefix(ids, mask):
     differ = (ids != ids[:1]).any(0) | mask.any(0)                   # (L,)
     return int(differ.nonzero()[0]) if differ.any() else 0
 
-def micro_batches(rows, length, max_tokens):
-    """Split rows into consecutive micro-batches of at most max_tokens padded tokens (at least one row)."""
-    out, cur, L = [], [], 0                                             # L: the longest row in cur
-    for r in rows:
-        if cur and (len(cur) + 1) * max(L, int(length[r])) > max_tokens:
-            out.append(cur)
-            cur, L = [], 0
-        cur.append(r)
-        L = max(L, int(length[r]))
-    return out + [cur] if cur else out
-
 def batches(ro, decision, tok_credit, trained, max_tokens, dev):
     """The trained rows in micro-batches of at most max_tokens padded tokens, on dev: -> (ids (b, L), mask (b, L) of
     the decision tokens, their allowed sets (n, K), the shared prefix's length, their credits (n,)) per batch."""
-    for mb in micro_batches(trained.nonzero().flatten().tolist(), ro.length, max_tokens):
+    for mb in devices.micro_batches(trained.nonzero().flatten().tolist(), ro.length, max_tokens):
         L = int(ro.length[mb].max())
         sel = decision[mb, :L]                                          # (b, L) on the CPU: no device sync to test it
         if sel.any():
@@ -243,20 +232,6 @@ def assign_seats(G, cfg, live, opp, fixed, opp_model, snapshots, gen):
     return [live, opp] + fixed, seat_policy, trained
 
 # -----------------------------------------------------------------------------
-# the log line
-
-def metrics(r, invalid, play, trained, env):
-    """Per-round means of the iteration, over every process's games: r (N, T) rewards, invalid (N, T), play: the
-    game's readout (N, T, K, 2) of rollout.readout (IPD cooperation, Split / TAS claims by situation)."""
-    seat = torch.arange(r.size(0)) % 2
-    m = {"reward_seat0": r[seat == 0].mean().item(), "reward_seat1": r[seat == 1].mean().item(),
-         "reward_trained": r[trained].mean().item(), "welfare": (r[0::2] + r[1::2]).mean().item(),
-         "invalid": invalid[trained].float().mean().item()}
-    if not trained.all():                                               # the other seat: its reward, its invalid moves
-        m["reward_opponent"], m["invalid_opponent"] = r[~trained].mean().item(), invalid[~trained].float().mean().item()
-    return {**m, **readout_means(play[trained].sum((0, 1)), env)}     # the trained seats' readout
-
-# -----------------------------------------------------------------------------
 
 def main(argv):
     # setup. config: the defaults < on --resume, the checkpoint's < the command line; then the game's defaults;
@@ -272,21 +247,10 @@ def main(argv):
         cfg["device"] = rank_dev
     cfg["device"], cfg["dtype"] = devices.pick_device_dtype(cfg["device"], cfg["dtype"], exists=not cfg["dry_run"])
     dev, dt = cfg["device"], cfg["dtype"]
-    if cfg["fsdp_offload"] and not dev.startswith("cuda"):
-        sys.exit("error: --fsdp_offload moves the shards from the GPU to host memory: on a CPU they are there already")
     torch.manual_seed(cfg["seed"])
-    # setup. what each process will hold, before any weights load: --dry_run prints it; a run that cannot fit stops
-    try:
-        c, tok = model_config(ckpt if state else cfg["model_name"])
-    except (OSError, RuntimeError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    lm_opponent = cfg["opponent"] not in envs.GAMES[cfg["env"]].strategies and not cfg["opponent"].startswith("api:") \
-        and (cfg["opponent"] or cfg["algo"] == "adalign")
-    mem = memory.check_training(c, tok, cfg, world, lm_opponent, cfg["kl_coef"] > 0)
-    if cfg["dry_run"]:
-        if rank == 0:
-            print(memory.show(mem, f"{cfg['model_name']} ({memory.n_params(c)[0] / 1e9:.2f}B parameters) on {dev}, "
-                              f"{world} process(es), fsdp {cfg['fsdp']}, offload {cfg['fsdp_offload']}, dtype {dt}:"))
+    # setup. what each process will hold, before any weights load: --dry_run prints it and stops; a run that cannot
+    #    fit stops with it
+    if memory.plan(cfg, ckpt if state else cfg["model_name"], world, rank):
         return
     # setup. the policy (--fsdp: whole in host memory, then sharded, and a full copy gathered for the rollout); the
     #    other seat's policies and the KL term's frozen initial model, before out_dir is touched (a bad --opponent
@@ -297,15 +261,15 @@ def main(argv):
         model, tok = load_dir(ckpt, home, torch.float32) if state else load_model(cfg["model_name"], home, torch.float32)
     except (OSError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if cfg["fsdp"]:
+        devices.shard(model, dev, world, cfg["fsdp_offload"])
     opp, opp_model, fixed = setup_opponents(cfg, tok, dev, ckpt if state else None, frozen)
     ref_model = None
     if cfg["kl_coef"] > 0:
         ref_model = load_model(cfg["model_name"], home, frozen)[0].eval().requires_grad_(False)
-    player = model                                                      # what the rollout decodes
-    if cfg["fsdp"]:
-        for m in (model, ref_model) if ref_model is not None else (model,):
-            devices.shard(m, dev, world, cfg["fsdp_offload"])
-        player = devices.rollout_copy(model, dev, frozen)
+        if cfg["fsdp"]:
+            devices.shard(ref_model, dev, world, cfg["fsdp_offload"])
+    player = devices.rollout_copy(model, dev, frozen) if cfg["fsdp"] else model    # what the rollout decodes
     if rank == 0:                                                       # process 0 prints, logs and saves
         print("config: " + json.dumps(cfg))
     log = rundir.open_run(cfg, sum(p.numel() for p in model.parameters()), start, rank, world)
@@ -355,12 +319,11 @@ def main(argv):
         save_now = (it + 1) % cfg["ckpt_interval"] == 0 or it + 1 == cfg["max_iters"]
         whole = devices.full_state(model, opt) if save_now else None    # every process takes part; process 0 gets it
         if rank == 0:
-            m = metrics(rewards, invalid, play, trained, cfg["env"])
+            m = rundir.metrics(rewards, invalid, play, trained, cfg["env"])
             rec = dict(iter=it, env=cfg["env"], **m, **stats, failed_games=int((~keep[0::2]).sum()), time=dt_it,
                        rollout_s=t_roll, update_s=t_upd, tokens=n_tokens, tok_per_s=n_tokens / dt_it,
                        threads=torch.get_num_threads(),  # a CPU's sums, so the sampled text, can depend on the threads
-                       param_bytes=devices.local_bytes(model.parameters()),    # this process's (a shard with --fsdp)
-                       optim_bytes=devices.local_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)))
+                       **memory.measured(model, opt, dev))              # this process's bytes, against the dry run's
             if save_now and game.memory_one:
                 model.eval()
                 rec["memory_one"] = memory_one(live)                    # P(C) at opening, CC, CD, DC, DD
