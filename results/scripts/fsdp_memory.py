@@ -31,20 +31,22 @@ def main():
     cfg = configurator.resolve(train.defaults() | {"preset": "paper", "env": "tas", "device": "cuda", "dtype": "bfloat16"})
     tokens = memory.conversation_tokens("tas", tok, cfg["n_rounds"], cfg["max_msg_tokens"])
     print(f"TAS, {cfg['n_games']} games, {cfg['max_msg_tokens']}-token messages: {tokens} tokens per conversation at most; "
-          "GiB per GPU at its peak, and per process in host memory (host); fits: the peak within 95% of the card\n")
-    print("| model | GPUs | plain (data parallel) | --fsdp true | --fsdp true --fsdp_offload true |")
-    print("|---|---|---|---|---|")
-    for name, hf in MODELS.items():
-        c = load.config_from_hf(hf)
-        for label, card, world in SETUPS:
-            cells = []
-            for fsdp, offload in ((False, False), (True, False), (True, True)):
+          "GiB per GPU at its peak (no: over 95% of the card), with offload also per process in host memory (host)\n")
+    models = {name: load.config_from_hf(hf) for name, hf in MODELS.items()}
+    modes = (("plain", False, False), ("fsdp", True, False), ("offload (host)", True, True))
+    print(", ".join(f"{name}: {memory.n_params(c)[0] / 1e9:.2f}B parameters" for name, c in models.items()) + "\n")
+    print("| GPUs | " + " | ".join(f"{name.split('-')[1]} {m}" for name in models for m, *_ in modes) + " |")
+    print("|---" * (1 + len(models) * len(modes)) + "|")
+    for label, card, world in SETUPS:
+        cells = []
+        for c in models.values():
+            for _, fsdp, offload in modes:
                 t = memory.table(c, cfg | {"fsdp": fsdp, "fsdp_offload": offload}, 2 * cfg["n_games"] // world, tokens,
                                  world, opponent=True, reference=True)
-                dev, host = memory.peak(t) / memory.GiB, memory.peak(t, 1) / memory.GiB
-                fits = "fits" if dev * memory.GiB < 0.95 * GPU[card] else "**no**"
-                cells.append(f"{dev:.0f} {fits}" + (f", host {host:.0f}" if host else ""))
-            print(f"| {name} ({memory.n_params(c)[0] / 1e9:.2f}B) | {label} | " + " | ".join(cells) + " |")
+                dev, host = memory.peak(t), memory.peak(t, 1)
+                cells.append(f"{dev / memory.GiB:.0f}" + ("" if dev < 0.95 * GPU[card] else " no")
+                             + (f" ({host / memory.GiB:.0f})" if offload else ""))
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 if __name__ == "__main__":
     main()
