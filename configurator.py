@@ -7,6 +7,8 @@ what a knob left to the game (-1 or 0: envs.py's defaults for it) and a preset's
 import ast
 import sys
 
+import torch
+
 import envs
 
 def config_help(path):
@@ -99,6 +101,8 @@ def resolve(cfg, given=(), world=1):
                  f"({cfg['group_size']}): each plays whole groups")
     if cfg["fsdp_offload"] and not cfg["fsdp"]:
         sys.exit("error: --fsdp_offload true needs --fsdp true (it keeps the shards in host memory)")
+    if cfg["fsdp_offload"] and (cfg["device"] == "cpu" or cfg["device"] == "auto" and not torch.cuda.is_available()):
+        sys.exit("error: --fsdp_offload moves the shards from the GPU to host memory: on a CPU they are there already")
     if cfg["gamma"] > 1 or cfg["lr"] <= 0 or cfg["temperature"] <= 0:    # gamma 0: each round's credit is its own
         sys.exit("error: need 0 <= gamma <= 1, lr > 0 and temperature > 0")
     for k in ("buffer_prob", "buffer_fixed_prob"):

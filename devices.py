@@ -14,9 +14,6 @@ import warnings
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
 
 from model import Transformer, rope_inv_freq
 
@@ -83,6 +80,8 @@ def micro_batches(rows, length, max_tokens):
 # -----------------------------------------------------------------------------
 # several processes (torchrun)
 
+BACKEND = "cuda:nccl,cpu:gloo"     # CUDA tensors over NCCL; CPU ones (--fsdp_offload's gradient norm) over gloo
+
 def setup_distributed():
     """Under torchrun: join the process group (NCCL with one GPU per rank when CUDA is present, else gloo).
     -> (rank, world size, this rank's device or None)."""
@@ -91,7 +90,7 @@ def setup_distributed():
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
+        dist.init_process_group(BACKEND)
         return rank, world, f"cuda:{local}"
     dist.init_process_group("gloo")
     return rank, world, "cpu"
@@ -113,7 +112,7 @@ def all_sum(x, world):
 def all_sum_grads(model, world):
     """Sum every parameter's gradient over the processes (a parameter no micro-batch reached counts as 0). FSDP's
     backward already reduced (and sharded) them."""
-    if world > 1 and not isinstance(model, FSDPModule):
+    if world > 1 and not sharded(model):
         for p in model.parameters():
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -126,22 +125,32 @@ def shard(model, dev, world, offload=False):
     """fully_shard each block, then the model (embedding, final norm, head); the shards go to dev, or stay in host
     memory with offload (CPUOffloadPolicy: Adam steps there, each block comes to the GPU when it computes). The
     loss is already divided by every process's token count, so the gradients are summed, not averaged."""
-    if offload and not dev.startswith("cuda"):
-        sys.exit("error: --fsdp_offload moves the shards from the GPU to host memory: on a CPU they are there already")
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard, register_fsdp_forward_method
+        FSDPModule.set_force_sum_reduction_for_comms
+    except (ImportError, AttributeError):
+        sys.exit(f"error: --fsdp needs a torch with FSDP2's fully_shard and its sum reduction (2.13 has them; this is {torch.__version__})")
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")   # our blocks return k, v views: never written
+    if dev.startswith("cuda"):
+        torch.cuda.set_device(torch.device(dev))
     if not dist.is_initialized():                                       # --fsdp in one process: a group of one
-        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo", store=dist.HashStore(), rank=0, world_size=1)
-    mesh = init_device_mesh(torch.device(dev).type, (world,))
-    how = dict(mesh=mesh, offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
+        dist.init_process_group(BACKEND if dev.startswith("cuda") else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    how = dict(mesh=init_device_mesh(torch.device(dev).type, (world,)),
+               offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
     for block in model.model.layers:
         fully_shard(block, **how)
-    fully_shard(model, **how)
+    fully_shard(model, **how, reshard_after_forward=True)               # (the root's default keeps its weights whole)
     register_fsdp_forward_method(model, "token_logprobs")               # train.py calls it, not forward
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)                  # gloo has no pre-scaled sum
+    model.fsdp = True
     return model
+
+def sharded(model):
+    return getattr(model, "fsdp", False)
 
 @torch.no_grad()
 def gather_into(copy, model):
@@ -158,8 +167,8 @@ def gather_into(copy, model):
 def rollout_copy(model, dev, dtype):
     """A plain model on dev in dtype (bf16 on a GPU), filled from the sharded one: what the rollout decodes."""
     with torch.device("meta"):
-        copy = Transformer(model.cfg)
-    copy = copy.to_empty(device=dev).to(dtype)
+        copy = Transformer(model.cfg).to(dtype)
+    copy = copy.to_empty(device=dev)                                    # allocated once, in dtype
     if copy.cfg.tie_embeddings:                                         # (to_empty unties them)
         copy.lm_head.weight = copy.model.embed_tokens.weight
     copy.inv_freq, copy.hf_config = rope_inv_freq(model.cfg).to(dev), model.hf_config
@@ -169,7 +178,7 @@ def rollout_copy(model, dev, dtype):
 def passes_behind(n, model, world, dev):
     """With FSDP, every process must make as many forward/backward passes (each gathers and reduces with all):
     how many empty ones this process adds to its n micro-batches."""
-    if world == 1 or not isinstance(model, FSDPModule):
+    if world == 1 or not sharded(model):
         return 0
     most = torch.tensor([n], device=dev)
     dist.all_reduce(most, op=dist.ReduceOp.MAX)
@@ -177,15 +186,26 @@ def passes_behind(n, model, world, dev):
 
 def full(x):
     """A DTensor's whole value (clip_grad_norm_ of sharded gradients returns one), or x itself."""
-    return x.full_tensor() if isinstance(x, DTensor) else x
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
 
 def local_bytes(tensors):
     """Bytes this process holds of these tensors (of a DTensor: its shard)."""
-    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
+    return sum((t.to_local() if hasattr(t, "to_local") else t).nbytes for t in tensors)
 
 def full_state(model, opt):
-    """The model's and Adam's whole state dicts in host memory, keyed by parameter name, on process 0 (the others
-    get empty ones; every process must call it): one format with or without FSDP, so a checkpoint resumes on
-    any number of processes."""
+    """The model's and Adam's whole state dicts, keyed by parameter name, on process 0 (every process must call it;
+    sharded, the others get empty ones): one format with or without FSDP, so a checkpoint resumes on any number of
+    processes. Sharded, they are gathered into process 0's host memory; plain, they are the live tensors."""
+    if not sharded(model):
+        return model.state_dict(), by_name(opt.state_dict(), [n for n, _ in model.named_parameters()])
     how = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=how), get_optimizer_state_dict(model, opt, options=how)
+    sd = get_model_state_dict(model, options=how)
+    if not opt.state:                                                   # no step yet: gathering would invent one
+        return sd, by_name(opt.state_dict(), [n for n, _ in model.named_parameters()])
+    return sd, get_optimizer_state_dict(model, opt, options=how)
+
+def by_name(osd, names):
+    """An optimizer state dict keyed by position (torch's, for the parameters in model.parameters() order) -> keyed by
+    parameter name, the form torch.distributed.checkpoint reads into a plain or sharded model."""
+    return {"state": {names[i]: s for i, s in osd["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]}

@@ -56,25 +56,27 @@ def table(c, cfg, n_rows, tokens, world=1, opponent=False, reference=False):
     """Bytes per process by item, {item: (on the device, in host memory)}, for a train.py run of cfg on a model of
     Config c: n_rows conversations of up to `tokens` tokens (the KV cache), world processes. Held throughout: the
     fp32 weights, gradients and Adam's two moments (1/world of each with --fsdp; in host memory with
-    --fsdp_offload), the frozen copies; then the largest phase: loading (--fsdp: each process reads the whole
-    model before sharding it), the rollout's KV cache, or the update's activations (with --fsdp, plus the
-    parameters and gradients gathered at a time: the embedding and head, and two blocks)."""
+    --fsdp_offload), the frozen copies; then the largest phase: with --fsdp, loading (each process reads the whole
+    model before sharding it) and a checkpoint (process 0 gathers the whole state); the rollout's KV cache; the
+    update's activations (with --fsdp, plus the parameters and gradients gathered at a time: the embedding and
+    head, and two blocks)."""
     n, outside = n_params(c)
-    S = world if cfg["fsdp"] else 1
-    half = 2 if cfg["dtype"] == "bfloat16" else 4                         # autocast's bytes: the copies, the cache
-    host = lambda b: (b, 0) if cfg["device"] == "cpu" else (0, b)
-    state = lambda b: host(b) if cfg["fsdp_offload"] else (b, 0)
-    t = {"weights (fp32)": state(4 * n // S), "gradients": state(4 * n // S), "adam (2 moments)": state(8 * n // S)}
+    shards = world if cfg["fsdp"] else 1
+    copy = 2 if cfg["dtype"] == "bfloat16" else 4                         # bytes a parameter of a bf16 / fp32 copy
+    host = lambda b: (b, 0) if cfg["device"] == "cpu" else (0, b)         # on a CPU, the host is the device
+    held = lambda b: host(b) if cfg["fsdp_offload"] else (b, 0)           # the sharded state
+    t = {"weights (fp32)": held(4 * n // shards), "gradients": held(4 * n // shards), "adam (2 moments)": held(8 * n // shards)}
     if cfg["fsdp"]:                                                       # the rollout decodes a full, gathered copy
-        t["rollout copy"] = (half * n, 0)
+        t["rollout copy"] = (copy * n, 0)
     if opponent:                                                          # it decodes: whole, as the rollout copy
-        t["opponent"] = (half * n if cfg["fsdp"] else 4 * n, 0)
+        t["opponent"] = (copy * n if cfg["fsdp"] else 4 * n, 0)
     if reference:                                                         # the KL term's model: sharded as the policy
-        t["reference"] = state(half * n // S) if cfg["fsdp"] else (4 * n, 0)
+        t["reference"] = held(copy * n // shards) if cfg["fsdp"] else (4 * n, 0)
     if cfg["fsdp"]:
-        t["loading: whole model"] = host(4 * n)
+        t["loading: whole model"] = host(6 * n)                           # a bf16 checkpoint and its fp32 cast
+        t["checkpoint: process 0"] = host(12 * n)                         # the whole weights and Adam state, gathered
     micro = cfg["micro_tokens"] or (512 if cfg["device"].startswith("cuda") else 2560)  # CUDA's automatic: its least
-    t["rollout: kv cache"] = (kv_bytes(c, n_rows, tokens, half), 0)
+    t["rollout: kv cache"] = (kv_bytes(c, n_rows, tokens, copy), 0)
     t["update: activations"] = (micro * 4 * c.n_layer * (8 * c.n_embd + 5 * c.n_hidden), 0)
     if cfg["fsdp"]:
         t["update: gathered"] = (2 * 4 * (outside + 2 * (n - outside) // c.n_layer), 0)
@@ -84,7 +86,7 @@ def peak(t, where=0):
     """Bytes at the peak (where 0: on the device, 1: in host memory): everything held, plus the largest phase."""
     get = lambda k: t.get(k, (0, 0))[where]
     held = sum(v[where] for k, v in t.items() if ":" not in k)             # the phases' items are named "phase: ..."
-    return held + max(get("loading: whole model"), get("rollout: kv cache"),
+    return held + max(get("loading: whole model"), get("checkpoint: process 0"), get("rollout: kv cache"),
                       get("update: activations") + get("update: gathered"))
 
 def show(t, title):
@@ -126,8 +128,8 @@ def check_training(c, tok, cfg, world, opponent, reference):
     machine's processes share), its table, then one line naming what would make it fit. -> the table."""
     dev, tokens = cfg["device"], conversation_tokens(cfg["env"], tok, cfg["n_rounds"], cfg["max_msg_tokens"])
     size = lambda **k: table(c, {**cfg, **k}, 2 * cfg["n_games"] // world, tokens, world, opponent, reference)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    need = lambda t: (peak(t) * (local if dev == "cpu" else 1), peak(t, 1) * local)   # (on dev, on the host)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))                  # a margin: on a CPU the table came within
+    need = lambda t: (1.1 * peak(t) * (local if dev == "cpu" else 1), 1.1 * peak(t, 1) * local)   # 10% of max RSS
     fits = lambda t: need(t)[0] <= free_bytes(dev) and (dev == "cpu" or need(t)[1] <= free_bytes("cpu"))
     t = size()
     if cfg["dry_run"] or fits(t):

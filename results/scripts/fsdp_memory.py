@@ -31,9 +31,9 @@ def main():
     cfg = configurator.resolve(train.defaults() | {"preset": "paper", "env": "tas", "device": "cuda", "dtype": "bfloat16"})
     tokens = memory.conversation_tokens("tas", tok, cfg["n_rounds"], cfg["max_msg_tokens"])
     print(f"TAS, {cfg['n_games']} games, {cfg['max_msg_tokens']}-token messages: {tokens} tokens per conversation at most; "
-          "GiB per GPU at its peak (no: over 95% of the card), with offload also per process in host memory (host)\n")
+          "GiB per GPU at its peak (no: over 95% of the card); sharded, also process 0's peak in host memory (host: a checkpoint gathers the whole state there)\n")
     models = {name: load.config_from_hf(hf) for name, hf in MODELS.items()}
-    modes = (("plain", False, False), ("fsdp", True, False), ("offload (host)", True, True))
+    modes = (("plain", False, False), ("fsdp (host)", True, False), ("offload (host)", True, True))
     print(", ".join(f"{name}: {memory.n_params(c)[0] / 1e9:.2f}B parameters" for name, c in models.items()) + "\n")
     print("| GPUs | " + " | ".join(f"{name.split('-')[1]} {m}" for name in models for m, *_ in modes) + " |")
     print("|---" * (1 + len(models) * len(modes)) + "|")
@@ -45,7 +45,7 @@ def main():
                                  world, opponent=True, reference=True)
                 dev, host = memory.peak(t), memory.peak(t, 1)
                 cells.append(f"{dev / memory.GiB:.0f}" + ("" if dev < 0.95 * GPU[card] else " no")
-                             + (f" ({host / memory.GiB:.0f})" if offload else ""))
+                             + (f" ({host / memory.GiB:.0f})" if fsdp else ""))
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 if __name__ == "__main__":
