@@ -133,7 +133,7 @@ def shard(model, dev, world, offload=False):
         sys.exit(f"error: --fsdp needs a torch with FSDP2's fully_shard and its sum reduction (2.13 has them; this is {torch.__version__})")
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")   # our blocks return k, v views: never written
     if dev.startswith("cuda"):
-        torch.cuda.set_device(torch.device(dev))
+        torch.cuda.set_device(torch.device(dev).index or 0)             # ("cuda": the first; torchrun gives cuda:N)
     if not dist.is_initialized():                                       # --fsdp in one process: a group of one
         dist.init_process_group(BACKEND if dev.startswith("cuda") else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     how = dict(mesh=init_device_mesh(torch.device(dev).type, (world,)),
