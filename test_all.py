@@ -2014,7 +2014,8 @@ def test_fsdp_two_processes_equal_one_and_resume_across_world_sizes(tiny_dir, tm
     # Adam's step is ~lr wherever a gradient is not tiny: a lost or doubled gradient would move weights by ~1e-3; the
     # gradients summed in another order move a few elements whose gradient is near Adam's eps by up to ~1e-5
     step = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    for k, v in weights("fsdp").items():                                   # one HF directory, whole
+    assert set(weights("fsdp")) == set(w_plain)                          # one HF directory, whole
+    for k, v in weights("fsdp").items():
         step(v, w_plain[k])
     resumed = [run(two, "plain", "--max_iters", "3", "--resume"),             # plain -> 2 processes sharded
                run([sys.executable] + base, "fsdp", "--max_iters", "3", "--resume", "--fsdp", "false")]   # and back
