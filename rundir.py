@@ -253,7 +253,7 @@ def resume_optimizer(model, opt, state, cfg, ckpt, rank=0):
                      f"{tuple(osd['state'][name][bad[0]].shape)} for {name} of {tuple(p.shape)}): restore the checkpoint's state.pt")
     try:
         if osd["state"]:                                                # (none: saved before any step; loading would invent one)
-            set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(model, opt, optim_state_dict=osd, options=StateDictOptions(full_state_dict=True))
     except (ValueError, KeyError, RuntimeError) as e:
         sys.exit(f"error: {ckpt}/state.pt: the optimizer state does not fit this model ({type(e).__name__}: {str(e)[:100]})")
     for group in opt.param_groups:                                      # a resumed run takes the config's lr

@@ -6,6 +6,7 @@ or the sum-of-rewards oracle), a group-relative leave-one-out baseline, and full
     python train.py --env ipd --algo naive          # plain policy gradient, self-play
     python train.py --env ipd --algo naive --opponent out/ckpt    # exploit a frozen policy
     python train.py --preset paper --env tas        # the paper's settings (a GPU)
+    torchrun --nproc_per_node 8 train.py --preset paper --model_name Qwen/Qwen2.5-7B-Instruct --fsdp true   # sharded
     python train.py --help                          # every knob with its default
 
 Each iteration: 1. seats (who plays whom) -> 2. play n_games (rollout.py) -> 3. advantages and credits
