@@ -1608,6 +1608,36 @@ def test_cuda_train_iteration(tiny_dir, tmp_path, env, algo):
     assert len(log) == 1 and math.isfinite(log[0]["loss"])
 
 @cuda
+def test_cuda_fsdp_and_offload_train_as_plain(tiny_dir, tmp_path):
+    """On one GPU, --fsdp and --fsdp --fsdp_offload (the shards in host memory, CPUOffloadPolicy; a CPU cannot run it)
+    train as a plain process in fp32: the same first games and losses, the checkpoint within a hundredth of an Adam
+    step. Then TAS in bf16, offloaded, its messages decoded by CUDA graphs on the rollout's copy refilled after each step."""
+    import subprocess
+    from safetensors.torch import load_file
+    here = os.path.dirname(os.path.abspath(__file__))
+    base = [sys.executable, "train.py", "--env", "split", "--model_name", tiny_dir, "--n_games", "4", "--group_size", "2",
+            "--n_rounds", "2", "--max_iters", "2", "--lr", "1e-3", "--kl_coef", "0.1", "--buffer_interval", "1",
+            "--device", "cuda", "--dtype", "float32"]
+    def run(d, *more):
+        r = subprocess.run(base + ["--out_dir", str(tmp_path / d), *more], cwd=here, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return [json.loads(l) for l in open(tmp_path / d / "log.jsonl")]
+    plain = run("plain")
+    for d, more in (("fsdp", ["--fsdp", "true"]), ("offload", ["--fsdp", "true", "--fsdp_offload", "true"])):
+        log = run(d, *more)
+        assert log[0]["welfare"] == plain[0]["welfare"] and log[0]["n_tok"] == plain[0]["n_tok"]
+        for a, b in zip(plain, log):
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-3, abs=1e-6) and "peak_gpu_bytes" in b
+        w, w0 = (load_file(tmp_path / x / "ckpt" / "model.safetensors") for x in (d, "plain"))
+        assert set(w) == set(w0) and all((w[k] - w0[k]).abs().max() < 1e-5 for k in w)
+    tas = [sys.executable, "train.py", "--env", "tas", "--model_name", tiny_dir, "--n_games", "4", "--group_size", "2",
+           "--n_rounds", "2", "--max_iters", "2", "--max_msg_tokens", "8", "--device", "cuda", "--fsdp", "true",
+           "--fsdp_offload", "true", "--out_dir", str(tmp_path / "tas")]
+    r = subprocess.run(tas, cwd=here, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert all(math.isfinite(json.loads(l)["loss"]) for l in open(tmp_path / "tas" / "log.jsonl"))
+
+@cuda
 def test_cuda_matches_cpu(smol):
     """The model's logits on CUDA in bf16 autocast agree with fp32 CPU ones within bf16 tolerance; the memory-
     one readout and a face-off run there; a seed plays the same IPD moves on CPU and GPU in fp32."""
