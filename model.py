@@ -335,14 +335,16 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=(), gener
     for b, p in enumerate(prompts):
         idx[b, :len(p)] = torch.tensor(p)
     logits = model.extend(cache, idx, torch.tensor([len(p) for p in prompts], device=dev))
-    out, active = [[] for _ in range(B)], torch.ones(B, dtype=torch.bool, device=dev)
-    for _ in range(max_new_tokens):
+    out, live = [[] for _ in range(B)], torch.arange(B)   # live: the prompt of each row still in the batch
+    for step in range(max_new_tokens):
         nxt = sample(logits, temperature, generator)
-        for b in active.nonzero().flatten().tolist():
-            out[b].append(int(nxt[b]))
-            if out[b][-1] in stop_ids:
-                active[b] = False
-        if not active.any():
+        for i, b in enumerate(live.tolist()):
+            out[b].append(int(nxt[i]))
+        going = torch.tensor([out[b][-1] not in stop_ids for b in live.tolist()], device=dev)
+        if not going.any() or step == max_new_tokens - 1:
             break
-        logits = model.extend(cache, nxt[:, None], active.long())
+        if going.sum() <= 0.75 * len(live):               # drop the rows that ended: a smaller batch steps faster
+            rows = going.nonzero().flatten()
+            cache, live, nxt, going = cache.take(rows, max_new_tokens - step), live[rows.cpu()], nxt[rows], going[rows]
+        logits = model.extend(cache, nxt[:, None], going.long())
     return out

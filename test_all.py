@@ -93,7 +93,8 @@ def test_cached_generation_equals_uncached(smol):
 
 def test_batched_generation_with_a_shared_prefix_equals_one_at_a_time(tiny_dir):
     """generate computes the prompts' shared beginning once and copies it: a ragged batch whose prompts share a
-    prefix (one prompt is the prefix of another, too) gives each row what it gives alone (greedy)."""
+    prefix (one prompt is the prefix of another, too) gives each row what it gives alone (greedy), also when rows end
+    at different steps and the batch drops them."""
     model, _ = LD.load_dir(tiny_dir, "cpu", torch.float32)
     g = torch.Generator().manual_seed(3)
     head = torch.randint(0, 49152, (7,), generator=g).tolist()
@@ -101,6 +102,9 @@ def test_batched_generation_with_a_shared_prefix_equals_one_at_a_time(tiny_dir):
     prompts.append(prompts[1] + [5, 6])
     alone = [M.generate(model, [p], 6)[0] for p in prompts]
     assert M.generate(model, prompts, 6) == alone
+    stop = (alone[0][1], alone[3][3])                       # rows end at different steps: the batch drops them
+    cut = [a[:next((i + 1 for i, x in enumerate(a) if x in stop), len(a))] for a in alone]
+    assert M.generate(model, prompts, 6, stop_ids=stop) == cut and len(cut[0]) < 6
 
 def test_ragged_batch_and_chunks_match_single_pass(smol):
     """Conversations that grow by ragged chunks inside a batch (each row at its own length, a row with an
