@@ -121,13 +121,17 @@ def all_sum_grads(model, world):
 # -----------------------------------------------------------------------------
 # FSDP2 (--fsdp): each process holds 1/world of every weight, gradient and Adam moment
 
-def shard(model, dev, world, offload=False):
+def shard(model, dev, world, offload=False, bf16=False):
     """fully_shard each block, then the model (embedding, final norm, head); the shards go to dev, or stay in host
     memory with offload (CPUOffloadPolicy: Adam steps there, each block comes to the GPU when it computes). The
-    loss is already divided by every process's token count, so the gradients are summed, not averaged."""
+    loss is already divided by every process's token count, so the gradients are summed, not averaged. bf16: the
+    blocks are gathered and computed in bf16 (FSDP2's mixed precision: autocast's own copies of gathered weights
+    would live until backward, 2 bytes a parameter of the whole model), their gradients reduced in fp32; the rest
+    stays fp32 under autocast, as in a plain run (as_computed)."""
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                            register_fsdp_forward_method)
         FSDPModule.set_force_sum_reduction_for_comms
     except (ImportError, AttributeError):
         sys.exit(f"error: --fsdp needs a torch with FSDP2's fully_shard and its sum reduction (2.13 has them; this is {torch.__version__})")
@@ -138,8 +142,9 @@ def shard(model, dev, world, offload=False):
         dist.init_process_group(BACKEND if dev.startswith("cuda") else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     how = dict(mesh=init_device_mesh(torch.device(dev).type, (world,)),
                offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
+    mixed = MixedPrecisionPolicy(torch.bfloat16, torch.float32, cast_forward_inputs=False) if bf16 else MixedPrecisionPolicy()
     for block in model.model.layers:
-        fully_shard(block, **how)
+        fully_shard(block, **how, mp_policy=mixed)
     fully_shard(model, **how, reshard_after_forward=True)               # (the root's default keeps its weights whole)
     register_fsdp_forward_method(model, "token_logprobs")               # train.py calls it, not forward
     for m in model.modules():
@@ -164,11 +169,21 @@ def gather_into(copy, model):
                 mine[name].copy_(p)
         m.reshard()
 
-def rollout_copy(model, dev, dtype):
-    """A plain model on dev in dtype (bf16 on a GPU), filled from the sharded one: what the rollout decodes."""
+def as_computed(model, bf16):
+    """A plain model's weights as a sharded bf16 run computes them (shard): the blocks in bf16, the embedding, final
+    norm and head in fp32 (autocast rounds the head's matmul); fp32 alone when not bf16. For the rollout's copy and the
+    frozen copies: what they sample is what the update scores, on-policy."""
+    if bf16:
+        for block in model.model.layers:
+            block.to(torch.bfloat16)
+    return model
+
+def rollout_copy(model, dev, bf16):
+    """A plain model on dev, its weights as computed (as_computed), filled from the sharded one: what the rollout
+    decodes."""
     with torch.device("meta"):
-        copy = Transformer(model.cfg).to(dtype)
-    copy = copy.to_empty(device=dev)                                    # allocated once, in dtype
+        copy = as_computed(Transformer(model.cfg), bf16)
+    copy = copy.to_empty(device=dev)                                    # allocated once, in its dtypes
     if copy.cfg.tie_embeddings:                                         # (to_empty unties them)
         copy.lm_head.weight = copy.model.embed_tokens.weight
     copy.inv_freq, copy.hf_config = rope_inv_freq(model.cfg).to(dev), model.hf_config

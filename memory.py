@@ -58,28 +58,30 @@ def table(c, cfg, n_rows, tokens, world=1, opponent=False, reference=False):
     fp32 weights, gradients and Adam's two moments (1/world of each with --fsdp; in host memory with
     --fsdp_offload), the frozen copies; then the largest phase: with --fsdp, loading (each process reads the whole
     model before sharding it) and a checkpoint (process 0 gathers the whole state); the rollout's KV cache; the
-    update's activations (with --fsdp, plus the parameters and gradients gathered at a time: the embedding and
-    head, and two blocks)."""
+    update's activations (plain in bf16, plus autocast's bf16 copies of the weights, kept for backward; with --fsdp,
+    plus the parameters and gradients gathered at a time: the embedding and head, and two blocks). A sharded bf16
+    run's copies hold the blocks in bf16 and the rest in fp32 (devices.as_computed)."""
     n, outside = n_params(c)
-    shards = world if cfg["fsdp"] else 1
-    copy = 2 if cfg["dtype"] == "bfloat16" else 4                         # bytes a parameter of a bf16 / fp32 copy
+    shards, bf16 = (world if cfg["fsdp"] else 1), cfg["dtype"] == "bfloat16"
+    copy = (2 * (n - outside) + 4 * outside) / n if bf16 else 4           # bytes a parameter of a sharded run's copies
     host = lambda b: (b, 0) if cfg["device"] == "cpu" else (0, b)         # on a CPU, the host is the device
     held = lambda b: host(b) if cfg["fsdp_offload"] else (b, 0)           # the sharded state
     t = {"weights (fp32)": held(4 * n // shards), "gradients": held(4 * n // shards), "adam (2 moments)": held(8 * n // shards)}
     if cfg["fsdp"]:                                                       # the rollout decodes a full, gathered copy
-        t["rollout copy"] = (copy * n, 0)
+        t["rollout copy"] = (int(copy * n), 0)
     if opponent:                                                          # it decodes: whole, as the rollout copy
-        t["opponent"] = (copy * n if cfg["fsdp"] else 4 * n, 0)
+        t["opponent"] = (int(copy * n) if cfg["fsdp"] else 4 * n, 0)
     if reference:                                                         # the KL term's model: sharded as the policy
-        t["reference"] = held(copy * n // shards) if cfg["fsdp"] else (4 * n, 0)
+        t["reference"] = held(int(copy * n) // shards) if cfg["fsdp"] else (4 * n, 0)
     if cfg["fsdp"]:
         t["loading: whole model"] = host(6 * n)                           # a bf16 checkpoint and its fp32 cast
         t["checkpoint: process 0"] = host(12 * n)                         # the whole weights and Adam state, gathered
     micro = cfg["micro_tokens"] or (512 if cfg["device"].startswith("cuda") else 2560)  # CUDA's automatic: its least
-    t["rollout: kv cache"] = (kv_bytes(c, n_rows, tokens, copy), 0)
-    t["update: activations"] = (micro * 4 * c.n_layer * (8 * c.n_embd + 5 * c.n_hidden), 0)
-    if cfg["fsdp"]:
-        t["update: gathered"] = (2 * 4 * (outside + 2 * (n - outside) // c.n_layer), 0)
+    t["rollout: kv cache"] = (kv_bytes(c, n_rows, tokens, 2 if bf16 else 4), 0)
+    autocast = 2 * n if bf16 and not cfg["fsdp"] else 0                   # its bf16 copies of the weights, till backward
+    t["update: activations"] = (micro * 4 * c.n_layer * (8 * c.n_embd + 5 * c.n_hidden) + autocast, 0)
+    if cfg["fsdp"]:                                                       # the root (+ the head's autocast copy), two
+        t["update: gathered"] = ((8 + 2 * bf16) * outside + 2 * 8 * (n - outside) // c.n_layer, 0)   # blocks
     return t
 
 def peak(t, where=0):
@@ -129,7 +131,8 @@ def check_training(c, tok, cfg, world, opponent, reference):
     dev, tokens = cfg["device"], conversation_tokens(cfg["env"], tok, cfg["n_rounds"], cfg["max_msg_tokens"])
     size = lambda **k: table(c, {**cfg, **k}, 2 * cfg["n_games"] // world, tokens, world, opponent, reference)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))                  # a margin: on a CPU the table came within
-    need = lambda t: (1.1 * peak(t) * (local if dev == "cpu" else 1), 1.1 * peak(t, 1) * local)   # 10% of max RSS
+    others = lambda t: peak({k: v for k, v in t.items() if k != "checkpoint: process 0"}, 1)   # 10% of max RSS
+    need = lambda t: (1.1 * peak(t) * (local if dev == "cpu" else 1), 1.1 * (peak(t, 1) + (local - 1) * others(t)))
     fits = lambda t: need(t)[0] <= free_bytes(dev) and (dev == "cpu" or need(t)[1] <= free_bytes("cpu"))
     t = size()
     if cfg["dry_run"] or fits(t):

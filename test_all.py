@@ -2063,7 +2063,8 @@ def test_fsdp_two_processes_equal_one_and_resume_across_world_sizes(tiny_dir, tm
 def test_fsdp_update_with_uneven_micro_batches(tiny_dir, tmp_path):
     """With FSDP every process must make as many forward/backward passes (each gathers and reduces with all):
     process 0 trains 3 rows in 3 micro-batches, process 1 one row in 1 (and 2 empty passes). The sharded update
-    equals one plain process's over the same 4 rows: the same loss and gradient norm (summed, not averaged)."""
+    equals one plain process's over the same 4 rows: the same loss and gradient norm (summed, not averaged). In bf16
+    (FSDP2's mixed precision for the blocks), the rollout's copy scores tokens as the sharded model does: on-policy."""
     import subprocess
     import sys
     script = tmp_path / "uneven.py"
@@ -2080,7 +2081,7 @@ def step(local, trained, world):
     model, tok = load.load_dir({tiny_dir!r}, "cpu", torch.float32)
     if world > 1:
         devices.shard(model, "cpu", world)
-    ro = rollout.rollout("split", [rollout.LMPolicy(model if world == 1 else devices.rollout_copy(model, "cpu", torch.float32),
+    ro = rollout.rollout("split", [rollout.LMPolicy(model if world == 1 else devices.rollout_copy(model, "cpu", False),
                          tok)], torch.zeros(4, 2, dtype=torch.long), 4, seed=0, n_rounds=2, local=local)
     credit = torch.linspace(-1, 1, 8 * ro.rewards.size(1)).view(8, -1)[2 * local.start:2 * local.stop]
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -2090,13 +2091,23 @@ s = step(range(2 * rank, 2 * rank + 2), torch.tensor([[T, T, T, F], [T, F, F, F]
 if rank == 0:
     p = step(range(4), torch.tensor([T, T, T, F, T, F, F, F]), 1)
     print("RESULT", s["loss"], p["loss"], s["grad_norm"], p["grad_norm"], s["n_tok"], p["n_tok"])
+model = devices.shard(load.load_dir({tiny_dir!r}, "cpu", torch.float32)[0], "cpu", 2, bf16=True)   # bf16: on-policy?
+copy = devices.rollout_copy(model, "cpu", True)
+ids, mask = torch.randint(0, 49152, (3, 12), generator=torch.Generator().manual_seed(0)), torch.zeros(3, 12, dtype=torch.bool)
+mask[:, 6:] = True
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    trained, sampled = model.token_logprobs(ids, mask)[0], copy.token_logprobs(ids, mask)[0]
+if rank == 0:
+    print("ONPOLICY", (trained - sampled).abs().max().item(), copy.model.layers[0].mlp.up_proj.weight.dtype, copy.lm_head.weight.dtype)
 dist.destroy_process_group()
 """)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    loss, loss1, norm, norm1, n, n1 = map(float, r.stdout.split("RESULT")[1].split())
+    loss, loss1, norm, norm1, n, n1 = map(float, r.stdout.split("RESULT")[1].split("ONPOLICY")[0].split())
     assert n == n1 > 0 and loss == pytest.approx(loss1, rel=1e-5) and norm == pytest.approx(norm1, rel=1e-5)
+    diff, block, head = r.stdout.split("ONPOLICY")[1].split()
+    assert float(diff) < 1e-5 and (block, head) == ("torch.bfloat16", "torch.float32")
 
 def test_dry_run_table_and_what_would_fit(tmp_path, capsys, monkeypatch):
     """--dry_run prints each process's memory for a model it does not load (a 7B shape, a GPU this machine lacks) and
@@ -2115,7 +2126,8 @@ def test_dry_run_table_and_what_would_fit(tmp_path, capsys, monkeypatch):
     n = memory.n_params(c)[0]
     rows = {line[:25].strip(): [float(x) for x in line[25:].split()] for line in out[2:]}
     assert rows["weights (fp32)"] == [0.0, round(4 * n / memory.GiB, 2)] and rows["adam (2 moments)"][1] == round(8 * n / memory.GiB, 2)
-    assert rows["rollout copy"] == [round(2 * n / memory.GiB, 2), 0.0]           # bf16 on the GPU
+    n_out = memory.n_params(c)[1]                                             # bf16 blocks, fp32 embedding and head
+    assert rows["rollout copy"] == [round((2 * (n - n_out) + 4 * n_out) / memory.GiB, 2), 0.0]
     assert not os.path.exists(tmp_path / "o")
     cfg = TR.resolve(TR.defaults() | {"env": "tas", "device": "cuda:0", "dtype": "bfloat16"})
     t1, t8 = (memory.table(c, cfg | {"fsdp": True}, 8, 1000, world=w) for w in (1, 8))

@@ -183,11 +183,10 @@ def update(model, ref_model, opt, ro, credit, trained, cfg, autocast, world=1):
 # -----------------------------------------------------------------------------
 # opponents and seats
 
-def setup_opponents(cfg, tok, dev, ckpt, dtype=torch.float32):
+def setup_opponents(cfg, tok, dev, ckpt):
     """The other seat's policies: --opponent (a fixed strategy or a frozen checkpoint), or for AA the agent
     buffer's network (its weights swapped for a snapshot each iteration) plus its fixed strategies; naive and
-    sum play themselves. dtype: the frozen networks' weights. -> (opponent policy or None, its network or None,
-    [fixed buffer policies])."""
+    sum play themselves. -> (opponent policy or None, its network or None, [fixed buffer policies])."""
     env = cfg["env"]
     strategies = envs.GAMES[env].strategies
     if cfg["opponent"] in strategies:
@@ -199,7 +198,7 @@ def setup_opponents(cfg, tok, dev, ckpt, dtype=torch.float32):
             sys.exit(f"error: --opponent: {e}")
     if cfg["opponent"]:
         try:
-            opp_model, opp_tok = load_model(cfg["opponent"], dev, dtype)
+            opp_model, opp_tok = load_model(cfg["opponent"], dev, torch.float32)
         except (OSError, RuntimeError, ValueError) as e:
             sys.exit(f"error: --opponent is neither one of the {env} strategies ({', '.join(strategies)}) "
                      f"nor a loadable model: {e}")
@@ -207,7 +206,7 @@ def setup_opponents(cfg, tok, dev, ckpt, dtype=torch.float32):
         return LMPolicy(opp_model.eval(), opp_tok, "frozen"), opp_model, []
     if cfg["algo"] != "adalign":
         return None, None, []
-    opp_model = load_dir(ckpt, dev, dtype)[0] if ckpt else load_model(cfg["model_name"], dev, dtype)[0]
+    opp_model = load_dir(ckpt, dev, torch.float32)[0] if ckpt else load_model(cfg["model_name"], dev, torch.float32)[0]
     fixed = [FixedPolicy(env, n) for n in cfg["buffer_fixed"].split(",") if n]
     return LMPolicy(opp_model.eval(), tok, "snapshot"), opp_model, fixed
 
@@ -259,21 +258,22 @@ def main(argv):
     # setup. the policy (--fsdp: whole in host memory, then sharded, and a full copy gathered for the rollout); the
     #    other seat's policies and the KL term's frozen initial model, before out_dir is touched (a bad --opponent
     #    leaves no run directory behind); the run directory; the optimizer
-    home = "cpu" if cfg["fsdp"] else dev
-    frozen = torch.bfloat16 if cfg["fsdp"] and dt == "bfloat16" else torch.float32
+    home, bf16 = ("cpu" if cfg["fsdp"] else dev), cfg["fsdp"] and dt == "bfloat16"
     try:
         model, tok = load_dir(ckpt, home, torch.float32) if state else load_model(cfg["model_name"], home, torch.float32)
     except (OSError, RuntimeError, ValueError) as e:
         sys.exit(f"error: {e}")
     if cfg["fsdp"]:
-        devices.shard(model, dev, world, cfg["fsdp_offload"])
-    opp, opp_model, fixed = setup_opponents(cfg, tok, dev, ckpt if state else None, frozen)
+        devices.shard(model, dev, world, cfg["fsdp_offload"], bf16)
+    opp, opp_model, fixed = setup_opponents(cfg, tok, dev, ckpt if state else None)
     ref_model = None
     if cfg["kl_coef"] > 0:
-        ref_model = load_model(cfg["model_name"], home, frozen)[0].eval().requires_grad_(False)
-        if cfg["fsdp"]:
+        ref_model = load_model(cfg["model_name"], home, torch.float32)[0].eval().requires_grad_(False)
+    if cfg["fsdp"]:                                                     # frozen copies as the policy computes
+        opp_model, ref_model = (m and devices.as_computed(m, bf16) for m in (opp_model, ref_model))
+        if ref_model is not None:                                       # (the opponent decodes: whole)
             devices.shard(ref_model, dev, world, cfg["fsdp_offload"])
-    player = devices.rollout_copy(model, dev, frozen) if cfg["fsdp"] else model    # what the rollout decodes
+    player = devices.rollout_copy(model, dev, bf16) if cfg["fsdp"] else model    # what the rollout decodes
     if rank == 0:                                                       # process 0 prints, logs and saves
         print("config: " + json.dumps(cfg))
     log = rundir.open_run(cfg, sum(p.numel() for p in model.parameters()), start, rank, world)
@@ -335,6 +335,7 @@ def main(argv):
             rundir.write_log(log, rec, game.readout)                    # to log.jsonl, and a line to read
             if save_now:
                 rundir.save_checkpoint(model, tok, whole, it + 1, cfg, snapshots, ckpt)
+        del whole                                                       # (process 0: the whole state, gathered)
         if save_now and world > 1:
             dist.barrier()
     rundir.close_run(log, cfg, rank)
