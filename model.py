@@ -10,7 +10,7 @@ What the rest of the code calls (shapes: B rows, T new tokens, L tokens, V vocab
     model.token_logprobs(idx, mask, allowed)  the loss's log-probs and entropies of the masked tokens (train.py)
     KVCache(cfg, B, max_len, device, dtype)   one row per conversation, each at its own length
     sample(logits, temperature, u=...)        inverse-CDF sampling; temperature 0 is argmax
-    generate(model, prompts, max_new_tokens)  plain batched generation (load.py's chat, the tests)
+    generate(model, prompts, max_new_tokens)  plain batched generation (serve.py, load.py's chat, the tests)
 """
 import math
 from dataclasses import dataclass
@@ -320,31 +320,31 @@ def sample(logits, temperature, generator=None, u=None):
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=(), generator=None):
     """Batched generation with the KV cache. prompts: list of token-id lists (ragged); the tokens they all begin
-    with (a system prompt) are computed once. Returns the new ids of each row (a list of lists), each ending at its
-    first stop id (included)."""
-    dev = model.lm_head.weight.device
-    B, T = len(prompts), max(len(p) for p in prompts)
-    cache = KVCache(model.cfg, B, T + max_new_tokens, dev, cache_dtype(model))
+    with (a system prompt) are computed once. max_new_tokens: one for all, or a list, one per prompt. Returns the new
+    ids of each row (a list of lists), each ending at its first stop id (included)."""
+    dev, B, T = model.lm_head.weight.device, len(prompts), max(len(p) for p in prompts)
+    limit = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    cache = KVCache(model.cfg, B, T + max(limit), dev, cache_dtype(model))
     P = next((i for i in range(min(map(len, prompts)) - 1) if len({p[i] for p in prompts}) > 1), min(map(len, prompts)) - 1)
     if B > 1 and P > 0:                                   # the shared prefix: one row, copied to all
         one = KVCache(model.cfg, 1, P, dev, cache.k.dtype)
         model.extend(one, torch.tensor([prompts[0][:P]], device=dev), torch.tensor([P], device=dev))
         cache.fill_from(one)
         prompts = [p[P:] for p in prompts]
-    idx = torch.zeros(B, max(map(len, prompts)), dtype=torch.long, device=dev)
-    for b, p in enumerate(prompts):
-        idx[b, :len(p)] = torch.tensor(p)
+    idx = torch.nn.utils.rnn.pad_sequence([torch.tensor(p) for p in prompts], batch_first=True).to(dev)   # (B, T)
     logits = model.extend(cache, idx, torch.tensor([len(p) for p in prompts], device=dev))
-    out, live = [[] for _ in range(B)], torch.arange(B)   # live: the prompt of each row still in the batch
-    for step in range(max_new_tokens):
+    out, live, going = [[] for _ in range(B)], torch.arange(B), [True] * B   # live: each row's prompt; going: not ended
+    for step in range(max(limit)):
         nxt = sample(logits, temperature, generator)
-        for i, b in enumerate(live.tolist()):
-            out[b].append(int(nxt[i]))
-        going = torch.tensor([out[b][-1] not in stop_ids for b in live.tolist()], device=dev)
-        if not going.any() or step == max_new_tokens - 1:
+        for g, b, t in zip(going, live.tolist(), nxt.tolist()):
+            out[b] += [t] if g else []
+        going = [g and out[b][-1] not in stop_ids and len(out[b]) < limit[b] for g, b in zip(going, live.tolist())]
+        if not any(going) or step == max(limit) - 1:
             break
-        if going.sum() <= 0.75 * len(live):               # drop the rows that ended: a smaller batch steps faster
-            rows = going.nonzero().flatten()
-            cache, live, nxt, going = cache.take(rows, max_new_tokens - step), live[rows.cpu()], nxt[rows], going[rows]
-        logits = model.extend(cache, nxt[:, None], going.long())
+        keep = torch.tensor(going, device=dev)
+        if sum(going) <= 0.75 * len(live):                 # drop the rows that ended: a smaller batch steps faster
+            rows = keep.nonzero().flatten()
+            cache, live, nxt, keep = cache.take(rows, max(limit) - step), live[rows.cpu()], nxt[rows], keep[rows]
+            going = [True] * len(rows)
+        logits = model.extend(cache, nxt[:, None], keep.long())
     return out

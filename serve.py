@@ -72,11 +72,10 @@ class Batcher:
         try:
             if len(jobs[0]["ids"]) + jobs[0]["max_tokens"] > self.budget:
                 raise MemoryError("this request alone does not fit the memory free for a batch")
-            outs = generate(self.model, [j["ids"] for j in jobs], max(j["max_tokens"] for j in jobs), temperature,
-                            stop_ids=(self.eot,), generator=self.gen)
+            outs = generate(self.model, [j["ids"] for j in jobs], [j["max_tokens"] for j in jobs], temperature,
+                            stop_ids=(self.eot,), generator=self.gen)       # (a row leaves the batch at its own end)
             self.batches += 1
             for j, out in zip(jobs, outs):
-                out = out[:j["max_tokens"]]
                 stop = self.eot in out
                 text = self.tok.decode([x for x in out if x != self.eot], skip_special_tokens=True)
                 j["out"] = (text, len(out), "stop" if stop else "length")

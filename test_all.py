@@ -105,6 +105,7 @@ def test_batched_generation_with_a_shared_prefix_equals_one_at_a_time(tiny_dir):
     stop = (alone[0][1], alone[3][3])                       # rows end at different steps: the batch drops them
     cut = [a[:next((i + 1 for i, x in enumerate(a) if x in stop), len(a))] for a in alone]
     assert M.generate(model, prompts, 6, stop_ids=stop) == cut and len(cut[0]) < 6
+    assert M.generate(model, prompts, [2, 6, 3, 6, 1]) == [a[:n] for a, n in zip(alone, [2, 6, 3, 6, 1])]   # own limits
 
 def test_ragged_batch_and_chunks_match_single_pass(smol):
     """Conversations that grow by ragged chunks inside a batch (each row at its own length, a row with an
