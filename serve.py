@@ -161,6 +161,8 @@ def handler(batcher, name, token):
             except ValueError:
                 return self.error(411, "a Content-Length is required")
             if not 0 <= size <= MAX_BODY:
+                for done in range(0, min(size, 16 * MAX_BODY), 1 << 16):   # read it away (up to a bound), so that a
+                    self.rfile.read(min(1 << 16, size - done))              # client still sending reads the answer
                 return self.error(413, f"the body is over {MAX_BODY} bytes")
             try:
                 ids, max_tokens, temperature = parse(self.rfile.read(size), name, batcher.tok)
