@@ -63,8 +63,11 @@ def micro_batch_tokens(cfg, c, dev):
     dev = torch.device(dev)
     if dev.type != "cuda":
         return 2560
-    per_token = 4 * c.n_layer * (8 * c.n_embd + 5 * c.n_hidden)
-    return int(min(max(0.5 * torch.cuda.mem_get_info(dev)[0] / per_token, 512), 65536))
+    return int(min(max(0.5 * torch.cuda.mem_get_info(dev)[0] / activation_bytes(c), 512), 65536))
+
+def activation_bytes(c):
+    """The update's activations per token of a model of Config c, an estimate: 4 x (8 x n_embd + 5 x n_hidden) a layer."""
+    return 4 * c.n_layer * (8 * c.n_embd + 5 * c.n_hidden)
 
 def micro_batches(rows, length, max_tokens):
     """Split rows into consecutive micro-batches of at most max_tokens padded tokens (at least one row)."""
@@ -211,13 +214,11 @@ def full_state(model, opt):
     """The model's and Adam's whole state dicts, keyed by parameter name, on process 0 (every process must call it;
     sharded, the others get empty ones): one format with or without FSDP, so a checkpoint resumes on any number of
     processes. Sharded, they are gathered into process 0's host memory; plain, they are the live tensors."""
-    if not sharded(model):
-        return model.state_dict(), by_name(opt.state_dict(), [n for n, _ in model.named_parameters()])
     how = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    sd = get_model_state_dict(model, options=how)
-    if not opt.state:                                                   # no step yet: gathering would invent one
-        return sd, by_name(opt.state_dict(), [n for n, _ in model.named_parameters()])
-    return sd, get_optimizer_state_dict(model, opt, options=how)
+    sd = get_model_state_dict(model, options=how) if sharded(model) else model.state_dict()
+    if sharded(model) and opt.state:                                    # (no step yet: gathering would invent one)
+        return sd, get_optimizer_state_dict(model, opt, options=how)
+    return sd, by_name(opt.state_dict(), [n for n, _ in model.named_parameters()])
 
 def by_name(osd, names):
     """An optimizer state dict keyed by position (torch's, for the parameters in model.parameters() order) -> keyed by

@@ -5,8 +5,9 @@ max_msg_tokens, n_rounds, micro_tokens) would not fit in the device's free memor
 allocator or taking the machine's memory from under its other processes.
 
 Per process, in bytes (table): the fp32 weights, gradients and Adam's two moments (sharded with --fsdp), the
-frozen copies (opponent, KL reference), all held throughout; then the larger of the two phases' own memory: the
-rollout's KV cache (every seat's whole conversation) or the update's activations (one micro-batch).
+frozen copies (opponent, KL reference), all held throughout; then the largest phase's own memory: the rollout's KV
+cache (every seat's whole conversation), the update's activations (one micro-batch), with --fsdp loading and a
+checkpoint.
 `python train.py --dry_run true ...` prints it for any model, device and process count, loading no weights.
 """
 import os
@@ -76,10 +77,11 @@ def table(c, cfg, n_rows, tokens, world=1, opponent=False, reference=False):
     if cfg["fsdp"]:
         t["loading: whole model"] = host(6 * n)                           # a bf16 checkpoint and its fp32 cast
         t["checkpoint: process 0"] = host(12 * n)                         # the whole weights and Adam state, gathered
-    micro = cfg["micro_tokens"] or (512 if cfg["device"].startswith("cuda") else 2560)  # CUDA's automatic: its least
+    cuda_auto = cfg["device"].startswith("cuda") and not cfg["micro_tokens"]   # what free memory holds, 512 at least
+    micro = 512 if cuda_auto else devices.micro_batch_tokens(cfg, c, "cpu")
     t["rollout: kv cache"] = (kv_bytes(c, n_rows, tokens, 2 if bf16 else 4), 0)
     autocast = 2 * n if bf16 and not cfg["fsdp"] else 0                   # its bf16 copies of the weights, till backward
-    t["update: activations"] = (micro * 4 * c.n_layer * (8 * c.n_embd + 5 * c.n_hidden) + autocast, 0)
+    t["update: activations"] = (micro * devices.activation_bytes(c) + autocast, 0)
     if cfg["fsdp"]:                                                       # the root (+ the head's autocast copy), two
         t["update: gathered"] = ((8 + 2 * bf16) * outside + 2 * 8 * (n - outside) // c.n_layer, 0)   # blocks
     return t

@@ -151,12 +151,12 @@ def update(model, ref_model, opt, ro, credit, trained, cfg, autocast, world=1):
         return stats
     opt.zero_grad(set_to_none=True)
     total = torch.zeros(3, device=dev)                                  # loss, entropy, kl sums: read once, at the end
-    # FSDP: every process makes as many passes, each running every block once (a shared prefix runs them twice)
     todo = list(batches(ro, decision, tok_credit, trained, devices.micro_batch_tokens(cfg, model.cfg, dev), dev,
-                        share=not devices.sharded(model)))
-    empty = (ro.ids[:1, :2].to(dev), torch.zeros(1, 2, dtype=torch.bool, device=dev), ro.allowed[:0, 0].to(dev), 0,
-             torch.zeros(0, device=dev))
-    for ids, mask, allowed, P, c in todo + [empty] * devices.passes_behind(len(todo), model, world, dev):
+                        share=not devices.sharded(model)))    # FSDP: no shared prefix (it runs each block twice)
+    pad = devices.passes_behind(len(todo), model, world, dev)  # FSDP: as many passes on every process, empty ones
+    todo += [(ro.ids[:1, :2].to(dev), torch.zeros(1, 2, dtype=torch.bool, device=dev), ro.allowed[:0, 0].to(dev), 0,
+              torch.zeros(0, device=dev))] * pad if pad else []
+    for ids, mask, allowed, P, c in todo:
         with autocast:
             logp, ent = model.token_logprobs(ids, mask, allowed, P, cfg["temperature"])
         loss = -(c * logp).sum() - cfg["entropy_coef"] * ent.sum()
