@@ -318,21 +318,31 @@ def sample(logits, temperature, generator=None, u=None):
     return torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(1).clamp(max=probs.size(1) - 1)
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=(), generator=None):
+def generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=(), generator=None, past=None):
     """Batched generation with the KV cache. prompts: list of token-id lists (ragged); the tokens they all begin
     with (a system prompt) are computed once. max_new_tokens: one for all, or a list, one per prompt. Returns the new
-    ids of each row (a list of lists), each ending at its first stop id (included)."""
+    ids of each row (a list of lists), each ending at its first stop id (included).
+    past: one per prompt, None or the keys and values (k, v), each (L, H, n, D), of the prompt's first n tokens as an
+    earlier call returned them (a conversation's earlier turn, serve.py keeps them): those are not computed again.
+    With past, returns (new ids, each prompt's (k, v))."""
     dev, B, T = model.lm_head.weight.device, len(prompts), max(len(p) for p in prompts)
     limit = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    cache = KVCache(model.cfg, B, T + max(limit), dev, cache_dtype(model))
-    P = next((i for i in range(min(map(len, prompts)) - 1) if len({p[i] for p in prompts}) > 1), min(map(len, prompts)) - 1)
-    if B > 1 and P > 0:                                   # the shared prefix: one row, copied to all
+    cache, lengths = KVCache(model.cfg, B, T + max(limit), dev, cache_dtype(model)), [len(p) for p in prompts]
+    P = next((i for i in range(min(lengths) - 1) if len({p[i] for p in prompts}) > 1), min(lengths) - 1)
+    start = past                                          # each row's computed beginning, if any
+    if B > 1 and P > 0 and not any(past or []):          # none has one: the prompts' shared beginning, once
         one = KVCache(model.cfg, 1, P, dev, cache.k.dtype)
         model.extend(one, torch.tensor([prompts[0][:P]], device=dev), torch.tensor([P], device=dev))
-        cache.fill_from(one)
-        prompts = [p[P:] for p in prompts]
+        start = [(one.k[:, 0], one.v[:, 0])] * B
+    for b, kv in enumerate(start or []):
+        if kv is not None:                                # the row starts after it (one token left to feed, at least)
+            n = min(kv[0].size(2), lengths[b] - 1)
+            cache.k[:, b, :, :n], cache.v[:, b, :, :n], cache.len[b] = kv[0][:, :, :n], kv[1][:, :, :n], n
+    prompts = [p[n:] for p, n in zip(prompts, cache.len.tolist())]
     idx = torch.nn.utils.rnn.pad_sequence([torch.tensor(p) for p in prompts], batch_first=True).to(dev)   # (B, T)
+    cache.reserve(idx.size(1) + max(limit))               # (rows start at their own lengths)
     logits = model.extend(cache, idx, torch.tensor([len(p) for p in prompts], device=dev))
+    kept = past and [(cache.k[:, b, :, :n].clone(), cache.v[:, b, :, :n].clone()) for b, n in enumerate(lengths)]
     out, live, going = [[] for _ in range(B)], torch.arange(B), [True] * B   # live: each row's prompt; going: not ended
     for step in range(max(limit)):
         nxt = sample(logits, temperature, generator)
@@ -347,4 +357,4 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=(), gener
             cache, live, nxt, keep = cache.take(rows, max(limit) - step), live[rows.cpu()], nxt[rows], keep[rows]
             going = [True] * len(rows)
         logits = model.extend(cache, nxt[:, None], keep.long())
-    return out
+    return out if past is None else (out, kept)

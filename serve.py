@@ -29,14 +29,41 @@ MAX_BODY = 1 << 20        # bytes of request body read at most
 MAX_BATCH = 64            # requests decoded together at most
 MAX_PROMPT = 8192         # a prompt's tokens at most
 
+def shared(a, b):
+    """How many tokens two id lists begin with in common."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+class PromptCache:
+    """The keys and values of recent prompts, so that the next turn of a conversation (a client sends the whole of it
+    again) computes only its new tokens. Least recently used out first, `budget` tokens in all."""
+    def __init__(self, budget):
+        self.entries, self.budget = [], budget            # [(ids, k, v)], the most recently used last
+
+    def find(self, ids):
+        """-> the (k, v) of the longest beginning ids has in common with a kept prompt, or None."""
+        best = max(self.entries, key=lambda e: shared(e[0], ids), default=None)
+        if best is None or (n := shared(best[0], ids)) == 0:
+            return None
+        self.entries.remove(best)
+        self.entries.append(best)
+        return best[1][:, :, :n], best[2][:, :, :n]
+
+    def add(self, ids, kv):
+        self.entries = [e for e in self.entries if shared(e[0], ids) < len(e[0])]   # a prompt this one continues goes
+        self.entries.append((ids, *kv))
+        while sum(len(e[0]) for e in self.entries) > self.budget:
+            self.entries.pop(0)
+
 class Batcher:
     """One worker thread that owns the model: it takes every request waiting (after a first one, `wait` seconds for
-    more) and decodes them in one batch per temperature. `batches` counts model batches, `served` requests."""
+    more) and decodes them in one batch per temperature, each prompt from what the PromptCache kept of its beginning.
+    `batches` counts model batches, `served` requests, `reused` prompt tokens taken from the PromptCache."""
     def __init__(self, model, tok, wait=0.05, seed=0):
         self.model, self.tok, self.eot, self.wait = model, tok, Chat(tok).eot, wait
-        self.todo, self.batches, self.served = queue.Queue(), 0, 0
+        self.todo, self.batches, self.served, self.reused = queue.Queue(), 0, 0, 0
         slot = memory.kv_bytes(model.cfg, 1, 1)                # a batch's KV cache may take half of what is free
         self.budget = int(0.5 * memory.free_bytes(next(model.parameters()).device) / slot)   # (tokens x rows)
+        self.prompts = PromptCache(self.budget // 2)                  # and the kept prompts a quarter
         self.gen = torch.Generator().manual_seed(seed)
         threading.Thread(target=self.run, daemon=True).start()
 
@@ -72,9 +99,13 @@ class Batcher:
         try:
             if len(jobs[0]["ids"]) + jobs[0]["max_tokens"] > self.budget:
                 raise MemoryError("this request alone does not fit the memory free for a batch")
-            outs = generate(self.model, [j["ids"] for j in jobs], [j["max_tokens"] for j in jobs], temperature,
-                            stop_ids=(self.eot,), generator=self.gen)       # (a row leaves the batch at its own end)
+            past = [self.prompts.find(j["ids"]) for j in jobs]
+            outs, kept = generate(self.model, [j["ids"] for j in jobs], [j["max_tokens"] for j in jobs], temperature,
+                                  stop_ids=(self.eot,), generator=self.gen, past=past)   # a row ends at its own end
             self.batches += 1
+            self.reused += sum(min(p[0].size(2), len(j["ids"]) - 1) for p, j in zip(past, jobs) if p is not None)
+            for j, kv in zip(jobs, kept):
+                self.prompts.add(j["ids"], kv)
             for j, out in zip(jobs, outs):
                 stop = self.eot in out
                 text = self.tok.decode([x for x in out if x != self.eot], skip_special_tokens=True)

@@ -107,6 +107,18 @@ def test_batched_generation_with_a_shared_prefix_equals_one_at_a_time(tiny_dir):
     assert M.generate(model, prompts, 6, stop_ids=stop) == cut and len(cut[0]) < 6
     assert M.generate(model, prompts, [2, 6, 3, 6, 1]) == [a[:n] for a, n in zip(alone, [2, 6, 3, 6, 1])]   # own limits
 
+def test_generation_from_a_past_equals_from_scratch(tiny_dir):
+    """generate(past=...) starts each row from the keys and values an earlier call returned for its beginning (all of
+    an earlier prompt, a part of one, or the whole of this prompt, or none) and samples what a start from scratch does."""
+    model, _ = LD.load_dir(tiny_dir, "cpu", torch.float32)
+    g = torch.Generator().manual_seed(5)
+    first = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (6, 9, 4, 7)]
+    out, kept = M.generate(model, first, 3, past=[None] * 4)
+    assert out == M.generate(model, first, 3) and [k.size(2) for k, _ in kept] == [6, 9, 4, 7]
+    later = [first[0] + out[0] + [7, 8], first[1][:5] + [3, 3, 3], first[2], list(range(1, 13))]   # ragged starts
+    past = [kept[0], (kept[1][0][:, :, :5], kept[1][1][:, :, :5]), kept[2], None]
+    assert M.generate(model, later, 6, past=past)[0] == M.generate(model, later, 6)
+
 def test_ragged_batch_and_chunks_match_single_pass(smol):
     """Conversations that grow by ragged chunks inside a batch (each row at its own length, a row with an
     empty chunk left as it was) give the same next-token logits as each conversation alone in one pass."""
@@ -1121,6 +1133,29 @@ def test_concurrent_requests_are_decoded_in_batches(tiny_dir):
     finally:
         srv.shutdown()
     assert codes == [200] * 8 and batcher.served == 8 and batcher.batches < 8
+
+def test_a_conversations_next_turn_computes_only_its_new_tokens(tiny_dir):
+    """The server keeps the keys and values of recent prompts: a conversation's next request (the whole conversation
+    again, longer) reuses its beginning and gets the reply a server that never saw it gives (greedy)."""
+    import http.client
+    def ask(srv, msgs):
+        c = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=120)
+        c.request("POST", "/v1/chat/completions", json.dumps({"model": "tiny", "messages": msgs, "max_tokens": 6,
+                                                               "temperature": 0}))
+        return json.loads(c.getresponse().read())
+    turn1 = [{"role": "system", "content": "Play."}, {"role": "user", "content": "Round 1: pick <A> or <B>."}]
+    turn2 = turn1 + [{"role": "assistant", "content": "<A>"}, {"role": "user", "content": "Round 2: pick again."}]
+    srv, fresh = served(tiny_dir)[0], served(tiny_dir)[0]
+    try:
+        n1 = ask(srv, turn1)["usage"]["prompt_tokens"]
+        batcher = srv.RequestHandlerClass.batcher
+        r = ask(srv, turn2)
+        assert batcher.reused == n1 < r["usage"]["prompt_tokens"]
+        assert r["choices"] == ask(fresh, turn2)["choices"] and fresh.RequestHandlerClass.batcher.reused == 0
+        assert len(batcher.prompts.entries) == 1                 # the first turn's prompt gave way to the second's
+    finally:
+        srv.shutdown()
+        fresh.shutdown()
 
 def test_train_against_a_served_policy(tiny_dir, tmp_path):
     """The loop closed on one machine: a policy served over HTTP is the API opponent train.py trains against; its
