@@ -48,6 +48,17 @@ def clock(dev):
         return time.perf_counter()
     return now
 
+def median_s(fn, now, reps):
+    """Median seconds of fn() over reps timed calls, after two untimed ones."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = now()
+        fn()
+        times.append(now() - t0)
+    return statistics.median(times)
+
 def matmul_peak(dev, dtype, reps=5):
     """Best FLOP/s of F.linear over a few shapes (median of reps each): the denominator of MFU."""
     now, best = clock(dev), 0.0
@@ -55,29 +66,15 @@ def matmul_peak(dev, dtype, reps=5):
               ((1024, 1024, 1024), (512, 576, 1536), (2048, 576, 1536)))             # a square one, the MLP's
     for m, k, n in shapes:
         a, b = torch.randn(m, k, dtype=dtype, device=dev), torch.randn(n, k, dtype=dtype, device=dev)
-        for _ in range(2):
-            torch.nn.functional.linear(a, b)
-        times = []
-        for _ in range(reps):
-            t0 = now()
-            torch.nn.functional.linear(a, b)
-            times.append(now() - t0)
-        best = max(best, 2 * m * k * n / statistics.median(times))
+        best = max(best, 2 * m * k * n / median_s(lambda: torch.nn.functional.linear(a, b), now, reps))
     return best
 
 def bandwidth(dev, reps=5):
     """Bytes/s of a large device-to-device copy (read + write)."""
-    now = clock(dev)
     n = (1 << 30) if dev.type == "cuda" else (1 << 27)
     a = torch.empty(n, dtype=torch.uint8, device=dev)
     b = torch.empty_like(a)
-    b.copy_(a)
-    times = []
-    for _ in range(reps):
-        t0 = now()
-        b.copy_(a)
-        times.append(now() - t0)
-    return 2 * n / statistics.median(times)
+    return 2 * n / median_s(lambda: b.copy_(a), clock(dev), reps)
 
 def fwd_flops(model, n_tokens, n_logits):
     """Forward FLOPs: 2 per weight per token (embedding lookup excluded) + the lm_head where it runs."""
@@ -115,13 +112,11 @@ def replay(model, calls, autocast, now, dev):
     values do not change the work); inputs made beforehand; one timer around each loop, so that on a GPU the host runs
     ahead of the device as it does in the rollout. -> seconds of (prefill calls, decode calls: <= 8 new
     tokens per row)."""
-    caches = {}
     with autocast:
-        for B, _, _, S, _ in calls:
-            if B not in caches:
-                caches[B] = KVCache(model.cfg, B, max(c[3] for c in calls if c[0] == B), dev, cache_dtype(model))
+        caches = {B: KVCache(model.cfg, B, max(c[3] for c in calls if c[0] == B), dev, cache_dtype(model))
+                  for B in {c[0] for c in calls}}
         inputs = [(T <= 8, caches[B], s0, torch.randint(model.cfg.vocab_size, (B, T), device=dev), lengths.to(dev))
-                  for B, T, s0, S, lengths in calls]
+                  for B, T, s0, _, lengths in calls]
         out = []
         for decode in (False, True):
             t0 = now()
@@ -268,16 +263,16 @@ def main():
     w_bytes = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n or model.cfg.tie_embeddings)
     w_bytes *= 2 if dt == "bfloat16" else 4
     with autocast:
-        kv_bytes_per = cache_dtype(model).itemsize                           # the rollout's cache dtype
-    kv_per_slot = 2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim * kv_bytes_per  # k and v
-    kv_bytes = statistics.mean([B * (s0 + T) * kv_per_slot for B, T, s0, *_ in dec]) if dec else 0.0
+        kv_elem = cache_dtype(model).itemsize                                # the rollout's cache dtype
+    kv_bytes = statistics.mean([memory.kv_bytes(model.cfg, B, s0 + T, kv_elem) for B, T, s0, *_ in dec]) if dec else 0.0
     bandwidth_util = (w_bytes + kv_bytes) / bw / decode_step_s if dec else float("nan")
     n_conv = int(ro.length.sum())
     n_sampled = int(ro.action_mask.sum())
     n_dec = int((ro.decision & trained[:, None]).sum())
     n_train_tok = int(ro.length[trained].sum())
     P = len(pol.chat.first(ro.games[0].intro, "")[0])
-    n_mb = len(devices.micro_batches(trained.nonzero().flatten().tolist(), ro.length, devices.micro_batch_tokens(cfg, model.cfg, dev)))
+    micro = devices.micro_batch_tokens(cfg, model.cfg, dev)
+    n_mb = len(devices.micro_batches(trained.nonzero().flatten().tolist(), ro.length, micro))
     roll_flops = fwd_flops(model, n_conv - (2 * G - 1) * P, n_sampled)   # each distinct token once
     train_flops = 3 * fwd_flops(model, n_train_tok - (int(trained.sum()) - n_mb) * P, n_dec)
     res = dict(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", dtype=dt, model=args.model,
@@ -304,8 +299,7 @@ def main():
         hf_roll_s = hf_rollout_baseline(hf, ro, pol.chat.eot, dev, autocast, now)
         hf.train()
         hf_opt = torch.optim.Adam(hf.parameters(), lr=1e-5)
-        hf_upd = lambda: hf_update_baseline(hf, hf_opt, ro, credit, trained, devices.micro_batch_tokens(cfg, model.cfg, dev), dev,
-                                            autocast, now)
+        hf_upd = lambda: hf_update_baseline(hf, hf_opt, ro, credit, trained, micro, dev, autocast, now)
         if dev.type == "cuda":                                         # untimed, as ours was (see above)
             hf_upd()
         hf_upd_s = statistics.median([hf_upd() for _ in range(args.repeats)])

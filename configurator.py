@@ -31,18 +31,17 @@ def parse_args(argv, cfg, usage="", path=None):
     i = 0
     while i < len(argv):
         arg = argv[i]
+        i += 1
         if not arg.startswith("--"):
             sys.exit(f"error: expected --key value, got {arg!r} (see --help)")
-        key, val = arg[2:].split("=", 1) if "=" in arg else (arg[2:], None)
-        if val is None:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                val = "True" if isinstance(cfg.get(key), bool) else None   # a bare --resume means True
-                if val is None:
-                    sys.exit(f"error: --{key} needs a value (see --help)")
-            else:
-                i += 1
-                val = argv[i]
-        i += 1
+        key, eq, val = arg[2:].partition("=")
+        if not eq and i < len(argv) and not argv[i].startswith("--"):
+            val = argv[i]
+            i += 1
+        elif not eq:
+            if not isinstance(cfg.get(key), bool):
+                sys.exit(f"error: --{key} needs a value (see --help)")
+            val = "True"                                                # a bare --resume means True
         if key not in cfg:
             sys.exit(f"error: unknown config key --{key} (see --help for the list)")
         default = cfg[key]

@@ -23,6 +23,7 @@ import importlib.util
 import json
 import math
 import os
+import pathlib
 import signal
 import sys
 
@@ -71,9 +72,7 @@ def faceoff(env, pa, pb, n_games, seed=0, n_rounds=10, group_size=1, temperature
     """n_games of pa vs pb, half with pa in seat 0, half in seat 1. -> (figures dict, Rollout, a_is_seat0)."""
     policies = [pa] if pa is pb else [pa, pb]
     b = 0 if pa is pb else 1
-    a_seat0 = torch.arange(n_games) % 2 == 0 if n_games > 1 else torch.ones(1, dtype=torch.bool)
-    if group_size > 1:       # keep groups on one seat order so that both orders see the same env draws
-        a_seat0 = (torch.arange(n_games) // group_size) % 2 == 0
+    a_seat0 = (torch.arange(n_games) // group_size) % 2 == 0   # groups on one seat order: both see the same env draws
     seat_policy = torch.stack([torch.where(a_seat0, 0, b), torch.where(a_seat0, b, 0)], 1)
     failed_before = {id(p): p.failures for p in (pa, pb) if isinstance(p, ApiPolicy)}
     with torch.no_grad():
@@ -142,10 +141,7 @@ def transcript(env, names, ro, a_seat0, k, path):
             lines += envs.GAMES[env].describe_round(info)
             inv = "".join(f" (seat {s} invalid)" for s in (0, 1) if g.invalid[t][s])
             lines.append(f"- rewards: {g.rewards[t][0]:g} / {g.rewards[t][1]:g}{inv}\n")
-    def write():
-        with open(path, "w") as f:                            # closed here: a failed flush is caught too
-            f.write("\n".join(lines))
-    written(path, write)
+    written(path, lambda: pathlib.Path(path).write_text("\n".join(lines)))   # closed inside: a failed flush is caught
 
 def written(path, write, kept="the figures printed above are kept"):
     """Run write() (it writes path); a failure is one line that names the path and what is kept."""
@@ -214,12 +210,9 @@ def log_env(log, env):
               file=sys.stderr)
     return game
 
-def readout_keys(env):
-    return envs.GAMES[env].readout if env in envs.GAMES else {}
-
-def plot_references(ax, env):
+def plot_references(ax, game):
     """The welfare of each fixed strategy in self-play (the game's welfare_reference) as gray lines."""
-    for name, ref in (envs.GAMES[env].welfare_reference if env in envs.GAMES else {}).items():
+    for name, ref in game.welfare_reference.items():
         ax.axhline(ref, color="gray", lw=0.7, ls=":")
         ax.annotate(f"{name} x2 ({ref:g})", (0, ref), fontsize=7, color="gray", va="bottom")
 
@@ -229,43 +222,49 @@ def plot_run(run_dir, path=None, env=None):
     Split / TAS claims by situation; the IPD memory-one readouts and best responses logged at checkpoints."""
     plt = _pyplot()
     log = read_log(run_dir)
-    env = log_env(log, env)
-    claims = [k for k in readout_keys(env) if k.startswith("claim") and k in log[-1]]
+    game = envs.GAMES.get(log_env(log, env), envs.Game)              # Game: no readout, no references
+    claims = [k for k in game.readout if k.startswith("claim") and k in log[-1]]
     rates = [k for k in ("coop", "invalid", "tells_hand") if k in log[-1]]
     mem = [r for r in log if "memory_one" in r]
     br = [r for r in log if "best_response" in r]
     n = 2 + bool(claims) + bool(mem) + bool(br)
-    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4))
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), subplot_kw=dict(xlabel="iteration"))
     it = [r["iter"] for r in log]
     for k in ("welfare", "reward_trained", "reward_opponent", "reward_seat0", "reward_seat1"):
         if k in log[-1]:                                     # the seats' lines are thin: they often equal the others
             axes[0].plot(it, [r[k] for r in log], label=k, **(dict(ls=":", lw=0.9) if "seat" in k else {}))
-    plot_references(axes[0], env)
+    plot_references(axes[0], game)
     for k in rates:
         axes[1].plot(it, [r[k] for r in log], label=k)
-    axes[0].set_title("reward per round"); axes[1].set_title("rates"); axes[1].set_ylim(-0.05, 1.05)
+    axes[0].set_title("reward per round")
+    axes[1].set(title="rates", ylim=(-0.05, 1.05))
     panel = iter(axes[2:])
     if claims:
         ax = next(panel)
         for k in claims:
             ax.plot(it, [r[k] for r in log], label=k)
-        ax.set_title("trained seat's claims by situation"); ax.set_ylim(-0.3, 10.3)
+        ax.set(title="trained seat's claims by situation", ylim=(-0.3, 10.3))
     if mem:
         ax = next(panel)
         for k in MEMORY_ONE:
             ax.plot([r["iter"] for r in mem], [r["memory_one"][k] for r in mem], marker="o", label=f"P(C|{k})")
-        ax.set_title("memory-one P(cooperate)"); ax.set_ylim(-0.05, 1.05)
+        ax.set(title="memory-one P(cooperate)", ylim=(-0.05, 1.05))
     if br:
         ax = next(panel)
         for k, ls in (("exploiter", "-"), ("policy", "--")):
             ax.plot([r["iter"] for r in br], [r["best_response"][k] for r in br], ls, marker="o", label=k)
         ax.axhline(3.2, color="gray", lw=0.5, label="TFT's exploiter (3.2)")
         ax.set_title("exact best response: reward/round")
-    for ax in axes:
-        ax.set_xlabel("iteration"); ax.legend(fontsize=7)
     fig.suptitle(run_dir)
+    return save_plot(fig, axes, path or os.path.join(run_dir, "curves.png"))
+
+def save_plot(fig, axes, path):
+    """The legends (of the panels that have labelled lines: a log from before the claims readout has none), then
+    the figure as PNG at path. -> path"""
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
-    path = path or os.path.join(run_dir, "curves.png")
     written(path, lambda: fig.savefig(path, dpi=90), "the logs are unchanged")
     return path
 
@@ -284,10 +283,10 @@ def plot_compare(run_dirs, path, env=None):
     games = sorted({log_env(log, env) for log in logs} - {None})
     if len(games) > 1:
         sys.exit(f"error: --plot: these runs are of different games ({', '.join(games)}): plot each game apart")
-    env = games[0] if games else None
-    ipd = env in envs.GAMES and envs.GAMES[env].memory_one         # the IPD: cooperation and memory-one panels
+    game = envs.GAMES.get(games[0] if games else None, envs.Game)
+    ipd = game.memory_one                                           # the IPD: cooperation and memory-one panels
     fig, axes = plt.subplots(1, 3 if ipd else 4, figsize=(15 if ipd else 20, 4))
-    plot_references(axes[0], env)
+    plot_references(axes[0], game)
     styles = ("-", "--", ":")
     for i, (d, log) in enumerate(zip(run_dirs, logs)):
         c = f"C{i}"
@@ -304,29 +303,24 @@ def plot_compare(run_dirs, path, env=None):
                              color=c, label=f"{name} (iter {mem[-1]['iter']})")
             continue
         axes[1].plot(it, smooth([r["reward_trained"] for r in log]), color=c, label=name)
-        claim_keys = [k for k in readout_keys(env) if k.startswith("claim") and k in log[-1]]
+        claim_keys = [k for k in game.readout if k.startswith("claim") and k in log[-1]]
         for k, ls in zip(claim_keys, styles):
             axes[2].plot(it, smooth([r.get(k, float("nan")) for r in log]), color=c, ls=ls, label=f"{name}: {k}")
-        rates = ["invalid"] + [k for k in readout_keys(env) if not k.startswith("claim") and k in log[-1]]
+        rates = ["invalid"] + [k for k in game.readout if not k.startswith("claim") and k in log[-1]]
         for k, ls in zip(rates, styles):
             axes[3].plot(it, smooth([r.get(k, float("nan")) for r in log]), color=c, ls=ls, label=f"{name}: {k}")
     axes[0].set_title("welfare per round (line: 10-iteration mean)")
     if ipd:
-        axes[1].set_title("cooperation rate"); axes[1].set_ylim(-0.05, 1.05)
-        axes[2].set_title("last memory-one P(cooperate)"); axes[2].set_ylim(-0.05, 1.05)
+        axes[1].set(title="cooperation rate", ylim=(-0.05, 1.05))
+        axes[2].set(title="last memory-one P(cooperate)", ylim=(-0.05, 1.05))
         axes[2].set_xticks(range(len(MEMORY_ONE)), list(MEMORY_ONE))
     else:
         axes[1].set_title("trained seat's reward per round (10-iteration mean)")
-        axes[2].set_title("trained seat's claims by situation (10-iteration mean)"); axes[2].set_ylim(-0.3, 10.3)
-        axes[3].set_title("rates (10-iteration mean)"); axes[3].set_ylim(-0.02, 1.02)
+        axes[2].set(title="trained seat's claims by situation (10-iteration mean)", ylim=(-0.3, 10.3))
+        axes[3].set(title="rates (10-iteration mean)", ylim=(-0.02, 1.02))
     for ax in axes[:2] if ipd else axes:
         ax.set_xlabel("iteration")
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:                  # a log from before the claims readout has none
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    written(path, lambda: fig.savefig(path, dpi=90), "the logs are unchanged")
-    return path
+    return save_plot(fig, axes, path)
 
 # -----------------------------------------------------------------------------
 
@@ -402,13 +396,10 @@ def main(argv=None):
     for flag, f in (("--transcript_file", args.transcript and args.transcript_file), ("--plot_file", args.plot_file)):
         if f and not os.path.isdir(os.path.dirname(os.path.abspath(f))):
             ap.error(f"{flag} {f}: its directory does not exist")
-    try:
-        devices.check_device(args.device)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
     api = dict(timeout=args.api_timeout, retries=args.api_retries, max_reply_chars=args.api_max_reply_chars)
     cache = {}
     try:
+        devices.check_device(args.device)
         if args.serve:
             pol = make_policy(args.serve, args.env, args.device, cache, api)
             if not isinstance(pol, LMPolicy):

@@ -79,8 +79,7 @@ def random_hf(shape, tok):
 
 def random_model(shape, device, dtype):
     """random:SHAPE -> (model, embedded tokenizer): weights ~ N(0, 0.02), norms 1, built on the device."""
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(embedded_dir())
+    tok = read_tokenizer(embedded_dir())
     hf = random_hf(shape, tok)
     gen = torch.Generator(device).manual_seed(0)                     # the same weights every time, on any device
     with torch.device(device):
@@ -118,8 +117,7 @@ def chat_tokenizer(tok, path):
 def model_config(name):
     """-> (Config, tokenizer) of the model load_model(name) would load, reading no weights (train.py's dry run)."""
     if name.startswith("random:"):
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(embedded_dir())
+        tok = read_tokenizer(embedded_dir())
         return config_from_hf(random_hf(name[len("random:"):], tok)), tok
     path = model_path(name)
     return read_config(path)[1], chat_tokenizer(read_tokenizer(path), path)

@@ -53,7 +53,7 @@ def prepare_out_dir(cfg, n_params, start):
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         try:
-            pid = int(open(lock).read().strip() or 0)
+            pid = int(open(lock).read().strip())                    # empty: a run killed before writing it
             if pid == os.getpid():                                  # our own, from an earlier main() in this process
                 raise ProcessLookupError
             os.kill(pid, 0)                                         # raises if no such process

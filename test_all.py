@@ -1273,7 +1273,7 @@ def test_non_finite_loss_skips_the_step(tiny_dir):
 
 def test_out_dir_is_safe(tiny_dir, tmp_path):
     """A fresh run refuses an out_dir holding a run (unless --overwrite), a live lock stops a second run, an
-    unwritable out_dir is one line, --resume cuts log lines written after the checkpoint, a bad --opponent leaves
+    unwritable out_dir is one line, an empty lock is stale, --resume cuts log lines written after the checkpoint, a bad --opponent leaves
     no out_dir behind, and an empty log.jsonl is not a run."""
     base = ["--env", "ipd", "--model_name", tiny_dir, "--n_games", "2", "--n_rounds", "2", "--max_iters", "2",
             "--out_dir", str(tmp_path / "o")]
@@ -1286,7 +1286,7 @@ def test_out_dir_is_safe(tiny_dir, tmp_path):
     with pytest.raises(SystemExit) as e:
         TR.main(base + ["--overwrite", "true"])
     assert "in use" in str(e.value)
-    os.remove(tmp_path / "o" / "lock")
+    open(tmp_path / "o" / "lock", "w").close()                          # empty: a run killed before writing its pid
     with open(tmp_path / "o" / "log.jsonl", "a") as f:                     # logged after the last checkpoint
         f.write(json.dumps({"iter": 2, "stale": True}) + "\n")
     log = run_train(base[:-4] + ["--max_iters", "3", "--out_dir", str(tmp_path / "o"), "--resume"])
