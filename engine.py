@@ -65,16 +65,11 @@ class Seats:
         cache = self.cache
         dev = cache.k.device
         if cache.span == 0:  # the system prompt and intro are the same for all rows: compute them once, copy
-            one = KVCache(self.pol.model.cfg, 1, len(self.shared), dev, cache.k.dtype)
-            self.pol.model.extend(one, torch.tensor([self.shared], device=dev),
-                                  torch.tensor([len(self.shared)], device=dev))
-            cache.fill_from(one)
+            cache.fill_prefix(self.pol.model, self.shared)
         full = [[] for _ in self.row]
         for r, c in zip(rows, chunks):
             full[r], self.pending[r] = self.pending[r] + c, []
-        idx = torch.zeros(len(full), max(len(c) for c in full), dtype=torch.long)
-        for r, c in enumerate(full):
-            idx[r, :len(c)] = torch.tensor(c, dtype=torch.long)
+        idx = torch.nn.utils.rnn.pad_sequence([torch.tensor(c, dtype=torch.long) for c in full], batch_first=True)
         return idx.to(dev), torch.tensor([len(c) for c in full], device=dev)
 
     def read(self, tab, rows, cols, ts, u):

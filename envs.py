@@ -66,8 +66,7 @@ class Game:
         self.rewards, self.invalid, self.info = [], [], []
         self.replies, self.failed_replies = [], 0   # every reply as sent: (round, player, text); an outside player's failures
         self.inbox = [self.intro, self.intro]
-        self.pending, self.moves = [], {}
-        self.start_round()
+        self.start_round()                 # sets pending (the players to act) and moves
 
     def to_act(self):
         return [p for p in self.pending if p not in self.moves]
@@ -137,8 +136,6 @@ class IPD(Game):
         moves = tuple(m or "B" for m in parsed)
         self.end_round(self.PAYOFF[moves], parsed, {"moves": moves},
                        [f"The other agent played <{moves[1 - p]}>." for p in (0, 1)])
-
-ITEMS = ("hats", "books", "balls")
 
 class Split(Game):
     intro = ("You and another agent split 10 hats, 10 books and 10 balls, again every round. Each of you values "
@@ -221,10 +218,7 @@ class TAS(Game):
     welfare_reference = {"honest": 100.0, "greedy": 55.0}
     MSG = "Your message."
     PROPOSE = "Your proposal."
-
-    def __init__(self, seed, n_rounds=10):
-        self.starter = None
-        super().__init__(seed, n_rounds)
+    starter = None            # who writes the first message: drawn in round 0, then alternating
 
     def start_round(self):
         self.hands = tuple(self.rng.sample(HANDS, 2))
@@ -307,17 +301,10 @@ class SilentTAS(TAS):
 # -----------------------------------------------------------------------------
 # fixed opponents: fn(game, player, rng) -> the text they play. They may read the whole game state.
 
-def ipd_history(g, p):
-    """[(my move, their move)] of the rounds played so far."""
-    return [(i["moves"][p], i["moves"][1 - p]) for i in g.info]
-
 def memory_one(p_open, pcc, pcd, pdc, pdd):
     """A memory-one IPD strategy from its P(cooperate) at the opening and after CC, CD, DC, DD (mine, theirs)."""
     probs = {("A", "A"): pcc, ("A", "B"): pcd, ("B", "A"): pdc, ("B", "B"): pdd}
-    def play(g, p, rng):
-        h = ipd_history(g, p)
-        return "<A>" if rng.random() < (probs[h[-1]] if h else p_open) else "<B>"
-    return play
+    return ipd(lambda m, o, r: "A" if r.random() < (probs[m[-1], o[-1]] if m else p_open) else "B")
 
 def ipd_best_response(m1, n_rounds=10):
     """Exact best response to a memory-one IPD policy m1 = {opening, cc, cd, dc, dd} (P(cooperate), the
@@ -346,9 +333,8 @@ def ipd_best_response(m1, n_rounds=10):
 
 def ipd(rule):
     """Wrap a rule over (my moves, their moves, rng) -> 'A'/'B' into a strategy."""
-    def play(g, p, rng):
-        h = ipd_history(g, p)
-        return f"<{rule([m for m, _ in h], [o for _, o in h], rng)}>"
+    def play(g, p, rng):                 # g.info: the rounds played so far
+        return f"<{rule([i['moves'][p] for i in g.info], [i['moves'][1 - p] for i in g.info], rng)}>"
     return play
 
 def prober(mine, theirs, rng):

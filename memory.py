@@ -121,12 +121,6 @@ def measured(model, opt, dev):
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(dev)
     return out
 
-def check(need, dev, knobs):
-    """Stop with one line if `need` bytes more than are in use do not fit the device's free memory (eval.py)."""
-    free = free_bytes(dev)
-    if need > free:
-        sys.exit(f"error: this needs ~{need / GiB:.1f} GiB more on {dev}, and {free / GiB:.1f} GiB are free: {knobs}")
-
 def check_training(c, tok, cfg, world, opponent, reference):
     """train.py's check, before any weights load: if the run cannot fit (on its device, or in host memory, which a
     machine's processes share), its table, then one line naming what would make it fit. -> the table."""
@@ -165,7 +159,10 @@ def plan(cfg, name, world, rank):
     return cfg["dry_run"]
 
 def check_play(pol, env, n_games, n_rounds, max_msg_tokens):
-    """eval.py's check for a language-model policy (already loaded): it may hold both seats of every game."""
-    tokens = conversation_tokens(env, pol.tok, n_rounds, max_msg_tokens)
-    check(kv_bytes(pol.model.cfg, 2 * n_games, tokens), str(next(pol.model.parameters()).device),
-          "lower --n_games, --max_msg_tokens or --n_rounds")
+    """eval.py's check for a language-model policy (already loaded), which may hold both seats of every game: stop
+    with one line if their KV cache does not fit the device's free memory."""
+    dev, tokens = str(next(pol.model.parameters()).device), conversation_tokens(env, pol.tok, n_rounds, max_msg_tokens)
+    need, free = kv_bytes(pol.model.cfg, 2 * n_games, tokens), free_bytes(dev)
+    if need > free:
+        sys.exit(f"error: this needs ~{need / GiB:.1f} GiB more on {dev}, and {free / GiB:.1f} GiB are free: "
+                 "lower --n_games, --max_msg_tokens or --n_rounds")

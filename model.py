@@ -138,12 +138,10 @@ class KVCache:
     Row b holds its conversation in slots 0..len[b]-1, with no padding: slot = RoPE position, and a query
     at position p attends to slots <= p of its own row (later slots are stale or another chunk's padding).
     extend() writes row b's chunk at its own end; a row with nothing new (length 0) stays as it was.
-    span: a host-side bound on max(len), the slots attention reads; tightened once per turn by reserve().
-    """
+    span: a host-side bound on max(len), the slots attention reads; tightened once per turn by reserve()."""
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k, self.v = torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
         self.len = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) slots used = next position
         self.span = 0
 
@@ -161,8 +159,7 @@ class KVCache:
         to extend those rows alone. out: the cache of an earlier take, reused when it fits (a fresh buffer
         costs more than the copy on a CPU; a new one is as long as this cache, so it fits until this one grows,
         and a decode step captured on it can be replayed). One host read: the first slot these rows can write."""
-        L, _, H, M, D = self.k.shape
-        S = self.span
+        (L, _, H, M, D), S = self.k.shape, self.span
         if out is None or out.k.size(1) != len(rows) or out.k.size(3) < S + room:
             out = KVCache.__new__(KVCache)
             out.k = self.k.new_zeros(L, len(rows), H, max(M, S + room), D)   # zeros: slots past a row's end stay finite
@@ -181,13 +178,14 @@ class KVCache:
         self.len[rows] = sub.len
         self.span = max(self.span, s1)
 
-    def fill_from(self, one):
-        """Start every row of this empty cache with the content of a 1-row cache (a shared prompt prefix)."""
-        assert self.span == 0 and one.k.size(1) == 1
-        P = int(one.len[0])
+    def fill_prefix(self, model, ids):
+        """Start every row of this empty cache with the tokens ids (a shared prompt prefix), computed once."""
+        assert self.span == 0
+        P, dev = len(ids), self.k.device
+        one = KVCache(model.cfg, 1, P, dev, self.k.dtype)
+        model.extend(one, torch.tensor([ids], device=dev), torch.tensor([P], device=dev))
         self.reserve(P)
-        self.k[:, :, :, :P] = one.k[:, :, :, :P]
-        self.v[:, :, :, :P] = one.v[:, :, :, :P]
+        self.k[:, :, :, :P], self.v[:, :, :, :P] = one.k, one.v
         self.len[:], self.span = P, P
 
 class Transformer(nn.Module):
@@ -287,19 +285,15 @@ def masked_log_softmax(logits, allowed=None):
     logp = F.log_softmax(logits, dim=-1)
     if allowed is None:
         return logp
-    logp = torch.where(allowed_mask(allowed, logp.size(1)), logp, float("-inf"))
+    logp = masked_logits(logp, allowed)
     return logp - logp.logsumexp(-1, keepdim=True)
 
-def allowed_mask(allowed, V):
-    """allowed (N, K) token ids, -1 padded (a row of all -1: every token) -> (N, V) bool."""
-    N = allowed.size(0)                                   # padding (-1) goes to an extra column V, then dropped:
+def masked_logits(logits, allowed):
+    """logits (N, V) with -inf outside each row's allowed ids (N, K), -1 padded; a row of all -1 is free."""
+    N, V = logits.shape                                   # padding (-1) goes to an extra column V, then dropped:
     slot = torch.where(allowed < 0, V, allowed)           # no write ever lands on a real token id such as 0
     keep = torch.zeros(N, V + 1, dtype=torch.bool, device=allowed.device).scatter_(1, slot, True)[:, :V]
-    return keep | (allowed < 0).all(1, keepdim=True)
-
-def masked_logits(logits, allowed):
-    """logits (R, V) with -inf outside each row's allowed ids (R, K), -1 padded; a row of all -1 is free."""
-    return torch.where(allowed_mask(allowed, logits.size(1)), logits, float("-inf"))
+    return torch.where(keep | (allowed < 0).all(1, keepdim=True), logits, float("-inf"))
 
 # -----------------------------------------------------------------------------
 # sampling
@@ -321,20 +315,16 @@ def sample(logits, temperature, generator=None, u=None):
 def generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=(), generator=None, past=None):
     """Batched generation with the KV cache. prompts: list of token-id lists (ragged); the tokens they all begin
     with (a system prompt) are computed once. max_new_tokens: one for all, or a list, one per prompt. Returns the new
-    ids of each row (a list of lists), each ending at its first stop id (included).
-    past: one per prompt, None or the keys and values (k, v), each (L, H, n, D), of the prompt's first n tokens as an
-    earlier call returned them (a conversation's earlier turn, serve.py keeps them): those are not computed again.
-    With past, returns (new ids, each prompt's (k, v))."""
+    ids of each row (a list of lists), each ending at its first stop id (included). past: one per prompt, None or the
+    (k, v), (L, H, n, D) each, of its first n tokens as an earlier call returned them (a conversation's earlier turn:
+    serve.py keeps them), not computed again; with past, returns (new ids, each prompt's (k, v))."""
     dev, B, T = model.lm_head.weight.device, len(prompts), max(len(p) for p in prompts)
     limit = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
     cache, lengths = KVCache(model.cfg, B, T + max(limit), dev, cache_dtype(model)), [len(p) for p in prompts]
     P = next((i for i in range(min(lengths) - 1) if len({p[i] for p in prompts}) > 1), min(lengths) - 1)
-    start = past                                          # each row's computed beginning, if any
-    if B > 1 and P > 0 and not any(past or []):          # none has one: the prompts' shared beginning, once
-        one = KVCache(model.cfg, 1, P, dev, cache.k.dtype)
-        model.extend(one, torch.tensor([prompts[0][:P]], device=dev), torch.tensor([P], device=dev))
-        start = [(one.k[:, 0], one.v[:, 0])] * B
-    for b, kv in enumerate(start or []):
+    if B > 1 and P > 0 and not any(past or []):          # no row has a computed beginning: their shared one, once
+        cache.fill_prefix(model, prompts[0][:P])
+    for b, kv in enumerate(past or []):
         if kv is not None:                                # the row starts after it (one token left to feed, at least)
             n = min(kv[0].size(2), lengths[b] - 1)
             cache.k[:, b, :, :n], cache.v[:, b, :, :n], cache.len[b] = kv[0][:, :, :n], kv[1][:, :, :n], n
@@ -349,7 +339,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=(), gener
         for g, b, t in zip(going, live.tolist(), nxt.tolist()):
             out[b] += [t] if g else []
         going = [g and out[b][-1] not in stop_ids and len(out[b]) < limit[b] for g, b in zip(going, live.tolist())]
-        if not any(going) or step == max(limit) - 1:
+        if not any(going):                                 # (every row at its end or its limit)
             break
         keep = torch.tensor(going, device=dev)
         if sum(going) <= 0.75 * len(live):                 # drop the rows that ended: a smaller batch steps faster

@@ -34,10 +34,7 @@ class ApiPolicy:
     played as an empty reply: the game scores it as an invalid move. After max_fails failures in a row the
     endpoint rests for a minute (every reply meanwhile fails at once, uncalled), then is tried again."""
     def __init__(self, url, model, timeout=30.0, retries=2, max_reply_chars=2000, max_fails=5, concurrency=16):
-        u = urllib.parse.urlsplit(url.rstrip("/"))
-        if "@" in u.netloc:                       # never echoed: the URL would carry a secret into logs and tables
-            raise ValueError("an api: URL with credentials (user:password@host) is refused: put the key in "
-                             "$OPENAI_API_KEY")
+        u = urllib.parse.urlsplit(url.rstrip("/"))      # (api_policy refused a URL with credentials)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError("an api: URL must be http://HOST[:PORT]/PATH or https://...")
         self.https, self.host, self.port, self.path = u.scheme == "https", u.hostname, u.port, u.path

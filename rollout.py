@@ -167,7 +167,7 @@ def rollout(env, policies, seat_policy, n_games, seed, group_size=1, n_rounds=10
         if progress is not None:
             progress.update(1)
     return pack([toks[t] for t in sorted(toks)], [games[g] for g in local], seat_policy[local.start:local.stop],
-                group_size, n_rounds, local.start)
+                group_size, local.start)
 
 def lm_turn(pol, seats, acting, games, texts, toks, trie, u, temperature, budget, free):
     """One turn of the acting seats of one LM policy: 1. record each seat's new text (and the forced start of
@@ -238,20 +238,16 @@ def record(tr, ids, rnd, sampled=False, logp=0.0, allowed=None, u=0.0):
     if sampled:
         tr["allowed"].append(allowed)
 
-def pack(toks, games, seat_policy, group_size, n_rounds, first=0):
+def pack(toks, games, seat_policy, group_size, first=0):
     """Lists per trajectory -> padded tensors. first: the index of the first game (of all the processes')."""
     N, L = len(toks), max(1, max(len(t["ids"]) for t in toks))
-    ids = torch.zeros(N, L, dtype=torch.long)
-    mask = torch.zeros(N, L, dtype=torch.bool)
-    rnd = torch.full((N, L), -1, dtype=torch.long)
-    logp, u = torch.zeros(N, L), torch.zeros(N, L)
-    for i, t in enumerate(toks):
-        n = len(t["ids"])
-        ids[i, :n] = torch.tensor(t["ids"], dtype=torch.long)
-        mask[i, :n] = torch.tensor(t["sampled"], dtype=torch.bool)
-        rnd[i, :n] = torch.tensor(t["rnd"], dtype=torch.long)
-        logp[i, :n] = torch.tensor(t["logp"])
-        u[i, :n] = torch.tensor(t["u"])
+    def padded(key, dtype, fill=0):                         # (N, L): each trajectory's list, then fill
+        out = torch.full((N, L), fill, dtype=dtype)
+        for i, t in enumerate(toks):
+            out[i, :len(t[key])] = torch.tensor(t[key], dtype=dtype)
+        return out
+    ids, mask, rnd = padded("ids", torch.long), padded("sampled", torch.bool), padded("rnd", torch.long, -1)
+    logp, u = padded("logp", torch.float), padded("u", torch.float)
     K = max([len(a) for t in toks for a in t["allowed"] if a is not None] + [1])
     allowed = torch.full((N, L, K), -1, dtype=torch.long)
     decision = torch.zeros(N, L, dtype=torch.bool)
@@ -263,9 +259,8 @@ def pack(toks, games, seat_policy, group_size, n_rounds, first=0):
             else:
                 allowed[i, j, :len(a)] = torch.tensor(a, dtype=torch.long)
                 decision[i, j] = len(a) > 1                 # forced tokens (one legal choice) carry no gradient
-    T = n_rounds
-    rewards = torch.tensor([[g.rewards[t][s] for t in range(T)] for g in games for s in (0, 1)], dtype=torch.float)
-    invalid = torch.tensor([[g.invalid[t][s] for t in range(T)] for g in games for s in (0, 1)], dtype=torch.bool)
+    rewards = torch.tensor([[r[s] for r in g.rewards] for g in games for s in (0, 1)], dtype=torch.float)
+    invalid = torch.tensor([[i[s] for i in g.invalid] for g in games for s in (0, 1)], dtype=torch.bool)
     game = first + torch.arange(N) // 2
     return Rollout(ids=ids, length=torch.tensor([len(t["ids"]) for t in toks]), action_mask=mask, token_round=rnd,
                    sampler_logp=logp, sampler_u=u, allowed=allowed, decision=decision, rewards=rewards, invalid=invalid, game=game,
@@ -321,12 +316,8 @@ def memory_one(pol, n_samples=2000):
         shared, first = chat.first(intro, t[0][len(intro):])
         turn = chat.encode(f"<{hist[0]}>") + [chat.eot] + chat.next(t[1]) if hist else []
         convs.append(shared + first + turn + a_ids[:k])                       # up to the choice
-    model = pol.model
-    dev = model.lm_head.weight.device
-    L = max(len(c) for c in convs)
-    idx = torch.zeros(len(convs), L, dtype=torch.long, device=dev)
-    for i, c in enumerate(convs):
-        idx[i, :len(c)] = torch.tensor(c)
+    model, dev = pol.model, pol.model.lm_head.weight.device
+    idx = torch.nn.utils.rnn.pad_sequence([torch.tensor(c) for c in convs], batch_first=True).to(dev)
     h = model.hidden(idx)[torch.arange(len(convs)), torch.tensor([len(c) - 1 for c in convs])]
     logits = model.lm_head(h).float()[:, [a_ids[k], b_ids[k]]]          # (5, 2): renormalized over the legal options
     return dict(zip(MEMORY_ONE, torch.softmax(logits, -1)[:, 0].tolist()))

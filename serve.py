@@ -20,6 +20,7 @@ import time
 
 import torch
 
+import devices
 import memory
 from model import generate
 from rollout import Chat
@@ -85,15 +86,11 @@ class Batcher:
                     jobs.append(self.todo.get(timeout=left))
                 except queue.Empty:
                     break
-            size = lambda b: len(b) * max(len(x["ids"]) + x["max_tokens"] for x in b)   # KV cache slots
             for t in sorted({j["temperature"] for j in jobs}):
-                batch = []
-                for j in [j for j in jobs if j["temperature"] == t]:       # as many as the memory budget holds
-                    if batch and size(batch + [j]) > self.budget:
-                        self.decode(batch, t)
-                        batch = []
-                    batch.append(j)
-                self.decode(batch, t)
+                same = [j for j in jobs if j["temperature"] == t]           # as many as the memory budget holds
+                slots = [len(j["ids"]) + j["max_tokens"] for j in same]     # (KV cache slots)
+                for batch in devices.micro_batches(range(len(same)), slots, self.budget):
+                    self.decode([same[i] for i in batch], t)
 
     def decode(self, jobs, temperature):
         try:
@@ -118,9 +115,7 @@ class Batcher:
             j["done"].set()
 
 class BadRequest(Exception):
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
+    """BadRequest(status, message): a 4xx answer."""
 
 def parse(body, name, tok):
     """A chat completion request -> (prompt ids, max_tokens, temperature), or BadRequest."""
@@ -199,7 +194,7 @@ def handler(batcher, name, token):
                 ids, max_tokens, temperature = parse(self.rfile.read(size), name, batcher.tok)
                 text, n, finish = batcher.submit(ids, max_tokens, temperature)
             except BadRequest as e:
-                return self.error(e.status, str(e))
+                return self.error(*e.args)
             except MemoryError as e:
                 return self.error(413, str(e))
             except Exception as e:                  # the model failed: say so, serve the next request
