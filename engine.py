@@ -65,7 +65,11 @@ class Seats:
         cache = self.cache
         dev = cache.k.device
         if cache.span == 0:  # the system prompt and intro are the same for all rows: compute them once, copy
-            cache.fill_prefix(self.pol.model, self.shared)
+            P = len(self.shared)
+            one = KVCache(self.pol.model.cfg, 1, P, dev, cache.k.dtype)
+            self.pol.model.extend(one, torch.tensor([self.shared], device=dev), torch.tensor([P], device=dev))
+            cache.reserve(P)
+            cache.k[:, :, :, :P], cache.v[:, :, :, :P], cache.len[:], cache.span = one.k, one.v, P, P
         full = [[] for _ in self.row]
         for r, c in zip(rows, chunks):
             full[r], self.pending[r] = self.pending[r] + c, []

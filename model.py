@@ -178,16 +178,6 @@ class KVCache:
         self.len[rows] = sub.len
         self.span = max(self.span, s1)
 
-    def fill_prefix(self, model, ids):
-        """Start every row of this empty cache with the tokens ids (a shared prompt prefix), computed once."""
-        assert self.span == 0
-        P, dev = len(ids), self.k.device
-        one = KVCache(model.cfg, 1, P, dev, self.k.dtype)
-        model.extend(one, torch.tensor([ids], device=dev), torch.tensor([P], device=dev))
-        self.reserve(P)
-        self.k[:, :, :, :P], self.v[:, :, :, :P] = one.k, one.v
-        self.len[:], self.span = P, P
-
 class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -318,19 +308,24 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=(), gener
     ids of each row (a list of lists), each ending at its first stop id (included). past: one per prompt, None or the
     (k, v), (L, H, n, D) each, of its first n tokens as an earlier call returned them (a conversation's earlier turn:
     serve.py keeps them), not computed again; with past, returns (new ids, each prompt's (k, v))."""
-    dev, B, T = model.lm_head.weight.device, len(prompts), max(len(p) for p in prompts)
+    dev, B = model.lm_head.weight.device, len(prompts)
     limit = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    cache, lengths = KVCache(model.cfg, B, T + max(limit), dev, cache_dtype(model)), [len(p) for p in prompts]
+    lengths = [len(p) for p in prompts]
     P = next((i for i in range(min(lengths) - 1) if len({p[i] for p in prompts}) > 1), min(lengths) - 1)
-    if B > 1 and P > 0 and not any(past or []):          # no row has a computed beginning: their shared one, once
-        cache.fill_prefix(model, prompts[0][:P])
-    for b, kv in enumerate(past or []):
-        if kv is not None:                                # the row starts after it (one token left to feed, at least)
-            n = min(kv[0].size(2), lengths[b] - 1)
+    rows_past = past or [None] * B
+    if B > 1 and P > 0 and not any(rows_past):           # no row has a computed beginning: their shared one, once
+        one = KVCache(model.cfg, 1, P, dev, cache_dtype(model))
+        model.extend(one, torch.tensor([prompts[0][:P]], device=dev), torch.tensor([P], device=dev))
+        rows_past = [(one.k[:, 0], one.v[:, 0])] * B
+    start = [0 if kv is None else min(kv[0].size(2), n - 1) for kv, n in zip(rows_past, lengths)]  # 1 token left, at least
+    room = max(start) + max(n - s for n, s in zip(lengths, start)) + max(limit)   # rows start at their own lengths
+    cache = KVCache(model.cfg, B, room, dev, cache_dtype(model))
+    for b, (kv, n) in enumerate(zip(rows_past, start)):
+        if n:
             cache.k[:, b, :, :n], cache.v[:, b, :, :n], cache.len[b] = kv[0][:, :, :n], kv[1][:, :, :n], n
-    prompts = [p[n:] for p, n in zip(prompts, cache.len.tolist())]
+    cache.span = max(start)
+    prompts = [p[n:] for p, n in zip(prompts, start)]
     idx = torch.nn.utils.rnn.pad_sequence([torch.tensor(p) for p in prompts], batch_first=True).to(dev)   # (B, T)
-    cache.reserve(idx.size(1) + max(limit))               # (rows start at their own lengths)
     logits = model.extend(cache, idx, torch.tensor([len(p) for p in prompts], device=dev))
     kept = past and [(cache.k[:, b, :, :n].clone(), cache.v[:, b, :, :n].clone()) for b, n in enumerate(lengths)]
     out, live, going = [[] for _ in range(B)], torch.arange(B), [True] * B   # live: each row's prompt; going: not ended

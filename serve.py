@@ -29,6 +29,7 @@ MAX_TOKENS = 512          # a reply's cap, whatever a request asks
 MAX_BODY = 1 << 20        # bytes of request body read at most
 MAX_BATCH = 64            # requests decoded together at most
 MAX_PROMPT = 8192         # a prompt's tokens at most
+MAX_KEPT = 256            # prompts kept for their conversations' next turns at most
 
 def shared(a, b):
     """How many tokens two id lists begin with in common."""
@@ -36,7 +37,7 @@ def shared(a, b):
 
 class PromptCache:
     """The keys and values of recent prompts, so that the next turn of a conversation (a client sends the whole of it
-    again) computes only its new tokens. Least recently used out first, `budget` tokens in all."""
+    again) computes only its new tokens. Least recently used out first: MAX_KEPT prompts, `budget` tokens in all."""
     def __init__(self, budget):
         self.entries, self.budget = [], budget            # [(ids, k, v)], the most recently used last
 
@@ -50,9 +51,11 @@ class PromptCache:
         return best[1][:, :, :n], best[2][:, :, :n]
 
     def add(self, ids, kv):
+        if len(ids) > self.budget:                        # it would push out everything else, itself too
+            return
         self.entries = [e for e in self.entries if shared(e[0], ids) < len(e[0])]   # a prompt this one continues goes
         self.entries.append((ids, *kv))
-        while sum(len(e[0]) for e in self.entries) > self.budget:
+        while len(self.entries) > MAX_KEPT or sum(len(e[0]) for e in self.entries) > self.budget:
             self.entries.pop(0)
 
 class Batcher:
@@ -88,13 +91,18 @@ class Batcher:
                     break
             for t in sorted({j["temperature"] for j in jobs}):
                 same = [j for j in jobs if j["temperature"] == t]           # as many as the memory budget holds
-                slots = [len(j["ids"]) + j["max_tokens"] for j in same]     # (KV cache slots)
+                slots = [self.slots(j) for j in same]
                 for batch in devices.micro_batches(range(len(same)), slots, self.budget):
                     self.decode([same[i] for i in batch], t)
 
+    def slots(self, job):
+        """A request's KV cache slots at most: its prompt and reply in the batch (rows starting from kept prompts of
+        other lengths: up to twice the prompt), and the copy of its prompt kept for the PromptCache."""
+        return 3 * len(job["ids"]) + job["max_tokens"]
+
     def decode(self, jobs, temperature):
         try:
-            if len(jobs[0]["ids"]) + jobs[0]["max_tokens"] > self.budget:
+            if self.slots(jobs[0]) > self.budget:
                 raise MemoryError("this request alone does not fit the memory free for a batch")
             past = [self.prompts.find(j["ids"]) for j in jobs]
             outs, kept = generate(self.model, [j["ids"] for j in jobs], [j["max_tokens"] for j in jobs], temperature,

@@ -109,15 +109,22 @@ def test_batched_generation_with_a_shared_prefix_equals_one_at_a_time(tiny_dir):
 
 def test_generation_from_a_past_equals_from_scratch(tiny_dir):
     """generate(past=...) starts each row from the keys and values an earlier call returned for its beginning (all of
-    an earlier prompt, a part of one, or the whole of this prompt, or none) and samples what a start from scratch does."""
+    an earlier prompt, a part of one, the whole of this prompt, or none: ragged starts) and computes what a start from
+    scratch does: the same tokens and the same keys and values at every slot, also when rows end early and the batch
+    drops them. A batch without pasts computes its prompts' shared beginning once: the same keys and values too."""
     model, _ = LD.load_dir(tiny_dir, "cpu", torch.float32)
     g = torch.Generator().manual_seed(5)
-    first = [torch.randint(0, 49152, (n,), generator=g).tolist() for n in (6, 9, 4, 7)]
+    head = torch.randint(0, 49152, (5,), generator=g).tolist()
+    first = [head + torch.randint(0, 49152, (n,), generator=g).tolist() for n in (6, 9, 4, 7)]
+    same = lambda a, b: all(torch.allclose(x, y, atol=1e-5) for kx, ky in zip(a, b) for x, y in zip(kx, ky))
     out, kept = M.generate(model, first, 3, past=[None] * 4)
-    assert out == M.generate(model, first, 3) and [k.size(2) for k, _ in kept] == [6, 9, 4, 7]
-    later = [first[0] + out[0] + [7, 8], first[1][:5] + [3, 3, 3], first[2], list(range(1, 13))]   # ragged starts
-    past = [kept[0], (kept[1][0][:, :, :5], kept[1][1][:, :, :5]), kept[2], None]
-    assert M.generate(model, later, 6, past=past)[0] == M.generate(model, later, 6)
+    alone = [M.generate(model, [p], 3, past=[None]) for p in first]
+    assert out == [o[0] for o, _ in alone] and same(kept, [k[0] for _, k in alone])
+    later = [first[0] + out[0] + [7, 8], first[1][:8] + [3, 3, 3], first[2], list(range(1, 13))]
+    past = [kept[0], (kept[1][0][:, :, :8], kept[1][1][:, :, :8]), kept[2], None]
+    stop = (later[1][-1],)                                  # (the tiny model repeats a prompt's last token: row 1 ends)
+    (o1, k1), (o2, k2) = (M.generate(model, later, 6, stop_ids=stop, past=p) for p in (past, [None] * 4))
+    assert o1 == o2 and len(o1[1]) == 1 < len(o1[0]) and same(k1, k2)
 
 def test_ragged_batch_and_chunks_match_single_pass(smol):
     """Conversations that grow by ragged chunks inside a batch (each row at its own length, a row with an
@@ -1152,6 +1159,10 @@ def test_a_conversations_next_turn_computes_only_its_new_tokens(tiny_dir):
         r = ask(srv, turn2)
         assert batcher.reused == n1 < r["usage"]["prompt_tokens"]
         assert r["choices"] == ask(fresh, turn2)["choices"] and fresh.RequestHandlerClass.batcher.reused == 0
+        ids, k, v = batcher.prompts.entries[-1]                  # what it kept: as computed from scratch
+        assert ids == fresh.RequestHandlerClass.batcher.prompts.entries[-1][0]
+        ref = M.generate(batcher.model, [ids], 1, past=[None])[1][0]
+        assert torch.allclose(k, ref[0], atol=1e-5) and torch.allclose(v, ref[1], atol=1e-5)
         assert len(batcher.prompts.entries) == 1                 # the first turn's prompt gave way to the second's
     finally:
         srv.shutdown()
