@@ -14,6 +14,8 @@ import hmac
 import http.server
 import json
 import queue
+import select
+import socket
 import sys
 import threading
 import time
@@ -61,19 +63,21 @@ class PromptCache:
 class Batcher:
     """One worker thread that owns the model: it takes every request waiting (after a first one, `wait` seconds for
     more) and decodes them in one batch per temperature, each prompt from what the PromptCache kept of its beginning.
-    `batches` counts model batches, `served` requests, `reused` prompt tokens taken from the PromptCache."""
+    `batches` counts model batches, `served` requests, `reused` prompt tokens taken from the PromptCache, `dropped`
+    requests whose client hung up before their batch."""
     def __init__(self, model, tok, wait=0.05, seed=0):
         self.model, self.tok, self.eot, self.wait = model, tok, Chat(tok).eot, wait
-        self.todo, self.batches, self.served, self.reused = queue.Queue(), 0, 0, 0
+        self.todo, self.batches, self.served, self.reused, self.dropped = queue.Queue(), 0, 0, 0, 0
         slot = memory.kv_bytes(model.cfg, 1, 1)                # a batch's KV cache may take half of what is free
         self.budget = int(0.5 * memory.free_bytes(next(model.parameters()).device) / slot)   # (tokens x rows)
         self.prompts = PromptCache(self.budget // 2)                  # and the kept prompts a quarter
         self.gen = torch.Generator().manual_seed(seed)
         threading.Thread(target=self.run, daemon=True).start()
 
-    def submit(self, ids, max_tokens, temperature):
-        """-> (reply text, completion tokens, finish reason), once the worker decoded it."""
-        job = dict(ids=ids, max_tokens=max_tokens, temperature=temperature, done=threading.Event())
+    def submit(self, ids, max_tokens, temperature, gone=lambda: False):
+        """-> (reply text, completion tokens, finish reason), once the worker decoded it. gone() says the client hung
+        up (its deadline passed): then a request still waiting is not decoded."""
+        job = dict(ids=ids, max_tokens=max_tokens, temperature=temperature, gone=gone, done=threading.Event())
         self.todo.put(job)
         job["done"].wait()
         if "error" in job:
@@ -89,6 +93,10 @@ class Batcher:
                     jobs.append(self.todo.get(timeout=left))
                 except queue.Empty:
                     break
+            for j in [j for j in jobs if j["gone"]()]:                    # nobody waits for these any more
+                j["error"], self.dropped = ConnectionAbortedError("the client hung up"), self.dropped + 1
+                j["done"].set()
+                jobs.remove(j)
             for t in sorted({j["temperature"] for j in jobs}):
                 same = [j for j in jobs if j["temperature"] == t]           # as many as the memory budget holds
                 slots = [self.slots(j) for j in same]
@@ -121,6 +129,13 @@ class Batcher:
         self.served += len(jobs)
         for j in jobs:
             j["done"].set()
+
+def hung_up(sock):
+    """Whether the client closed its end: the socket reads as ended (a pipelined next request is not an end)."""
+    try:
+        return bool(select.select([sock], [], [], 0)[0]) and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 class BadRequest(Exception):
     """BadRequest(status, message): a 4xx answer."""
@@ -162,11 +177,14 @@ def handler(batcher, name, token):
 
         def reply(self, status, obj):
             data = json.dumps(obj).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):   # the client hung up while its reply was decoded
+                self.close_connection = True
 
         def error(self, status, message):
             self.close_connection = True           # a body may be left unread: no reuse of this connection
@@ -200,11 +218,14 @@ def handler(batcher, name, token):
                 return self.error(413, f"the body is over {MAX_BODY} bytes")
             try:
                 ids, max_tokens, temperature = parse(self.rfile.read(size), name, batcher.tok)
-                text, n, finish = batcher.submit(ids, max_tokens, temperature)
+                text, n, finish = batcher.submit(ids, max_tokens, temperature, lambda: hung_up(self.connection))
             except BadRequest as e:
                 return self.error(*e.args)
             except MemoryError as e:
                 return self.error(413, str(e))
+            except ConnectionAbortedError:          # nobody to answer
+                self.close_connection = True
+                return
             except Exception as e:                  # the model failed: say so, serve the next request
                 return self.error(500, f"generation failed ({type(e).__name__})")
             self.reply(200, {"id": f"chatcmpl-{batcher.served}", "object": "chat.completion", "created": int(time.time()),

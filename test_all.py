@@ -1168,6 +1168,44 @@ def test_a_conversations_next_turn_computes_only_its_new_tokens(tiny_dir):
         srv.shutdown()
         fresh.shutdown()
 
+def test_a_request_whose_client_hung_up_is_not_decoded(tiny_dir, capfd):
+    """A client that gives up (its deadline passed) while its request waits behind a batch: the request is dropped,
+    not decoded, the server prints nothing and answers the next client; a client gone during its decode is quiet too."""
+    import http.client
+    import threading
+    import time
+    srv = served(tiny_dir)[0]
+    batcher, entered, release = srv.RequestHandlerClass.batcher, threading.Event(), threading.Event()
+    decode = batcher.decode
+    def held(jobs, t):                                       # the first batch waits for release
+        entered.set()
+        release.wait(60)
+        decode(jobs, t)
+    batcher.decode = held
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    def post(hang_up=False):
+        c = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=60)
+        c.request("POST", "/v1/chat/completions", body)
+        return c.close() if hang_up else c.getresponse().status
+    def until(cond):
+        t0 = time.monotonic()
+        while not cond() and time.monotonic() - t0 < 60:
+            time.sleep(0.01)
+    try:
+        first = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=60)
+        first.request("POST", "/v1/chat/completions", body)
+        assert entered.wait(60)
+        first.close()                                        # gone while its batch is decoded
+        post(hang_up=True)                                   # waits behind it, and its client hangs up
+        until(lambda: batcher.todo.qsize() == 1)
+        release.set()
+        until(lambda: batcher.dropped + batcher.served == 2)
+        assert post() == 200 and batcher.dropped == 1 and batcher.served == 2
+    finally:
+        release.set()
+        srv.shutdown()
+    assert "Traceback" not in capfd.readouterr().err
+
 def test_train_against_a_served_policy(tiny_dir, tmp_path):
     """The loop closed on one machine: a policy served over HTTP is the API opponent train.py trains against; its
     games are all in the update, none failed."""
