@@ -304,10 +304,10 @@ def sample(logits, temperature, generator=None, u=None):
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=(), generator=None, past=None):
     """Batched generation with the KV cache. prompts: list of token-id lists (ragged); the tokens they all begin
-    with (a system prompt) are computed once. max_new_tokens: one for all, or a list, one per prompt. Returns the new
-    ids of each row (a list of lists), each ending at its first stop id (included). past: one per prompt, None or the
-    (k, v), (L, H, n, D) each, of its first n tokens as an earlier call returned them (a conversation's earlier turn:
-    serve.py keeps them), not computed again; with past, returns (new ids, each prompt's (k, v))."""
+    with (a system prompt) are computed once, if no row has a past. max_new_tokens: one for all, or a list, one per
+    prompt. Returns the new ids of each row (a list of lists), each ending at its first stop id (included). past: one
+    per prompt, None or the (k, v), (L, H, n, D) each, of its first n tokens as an earlier call returned them (a
+    conversation's earlier turn: serve.py keeps them), not computed again; with past, returns (ids, each prompt's kv)."""
     dev, B = model.lm_head.weight.device, len(prompts)
     limit = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
     lengths = [len(p) for p in prompts]

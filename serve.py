@@ -7,7 +7,8 @@ harness or another run of this project (`--opponent api:URL:MODEL`) can play aga
 
 POST /v1/chat/completions (messages, temperature, max_tokens up to MAX_TOKENS, n = 1) and GET /v1/models. Requests
 that arrive together are decoded together: one worker takes every request waiting and model.generate samples
-their replies in one batch with its KV cache. Anything malformed is a 4xx JSON error and the server goes on.
+their replies in as few batches as the memory allows, each prompt starting from what the server kept of an earlier
+one (a conversation's earlier turn). Anything malformed is a 4xx JSON error and the server goes on.
 Only 127.0.0.1 by default; another address needs --host and a --token that clients send as a bearer token.
 """
 import hmac
@@ -62,7 +63,8 @@ class PromptCache:
 
 class Batcher:
     """One worker thread that owns the model: it takes every request waiting (after a first one, `wait` seconds for
-    more) and decodes them in one batch per temperature, each prompt from what the PromptCache kept of its beginning.
+    more) and decodes them in as few batches per temperature as the memory budget allows, each prompt from what the
+    PromptCache kept of its beginning.
     `batches` counts model batches, `served` requests, `reused` prompt tokens taken from the PromptCache, `dropped`
     requests whose client hung up before their batch."""
     def __init__(self, model, tok, wait=0.05, seed=0):
@@ -75,8 +77,8 @@ class Batcher:
         threading.Thread(target=self.run, daemon=True).start()
 
     def submit(self, ids, max_tokens, temperature, gone=lambda: False):
-        """-> (reply text, completion tokens, finish reason), once the worker decoded it. gone() says the client hung
-        up (its deadline passed): then a request still waiting is not decoded."""
+        """-> (reply text, completion tokens, finish reason), once the worker decoded it. gone() says the client closed
+        its connection (its own deadline passed, say); checked when the worker gathers a batch: then it is not decoded."""
         job = dict(ids=ids, max_tokens=max_tokens, temperature=temperature, gone=gone, done=threading.Event())
         self.todo.put(job)
         job["done"].wait()

@@ -6,6 +6,7 @@ at a time, measured in one run (results/gpu.md's and timings.md's rule: ratios i
     python results/scripts/serve_throughput.py --n 16 --max_tokens 16 --repeats 3
     python results/scripts/serve_throughput.py --turns 10 --repeats 1            # 16 conversations, turn by turn
     python results/scripts/serve_throughput.py --turns 10 --repeats 1 --prompt_cache false
+    python results/scripts/serve_throughput.py --turns 10 --repeats 0            # the prompts' token counts only
 
 Request i is a TAS conversation as a player sees it after 5 rounds of game i (seed i: its own hands; the game's own
 text, honest messages), asking for the next message: the requests share the system prompt and the rules, as a
@@ -66,7 +67,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=16, help="requests (conversations)")
     ap.add_argument("--max_tokens", type=int, default=16, help="each reply's tokens at most (train.py's message budget)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed repeats of each way (median)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats of each way (median; 0: count tokens)")
     ap.add_argument("--turns", type=int, default=0, help="play each conversation turn by turn, this many turns (0: once)")
     ap.add_argument("--prompt_cache", default="true", choices=["true", "false"], help="the server keeps prompts")
     args = ap.parse_args()
@@ -79,9 +80,13 @@ def main():
     body = lambda m: json.dumps({"model": "smollm2-135m", "messages": m, "max_tokens": args.max_tokens, "temperature": 1.0})
     convs = [tas_messages(i) for i in range(args.n)]
     rounds = [[body(m[:2 + 2 * t]) for m in convs] for t in range(args.turns)] if args.turns else [[body(m) for m in convs]]
-    lengths = [len(serve.parse(b, "smollm2-135m", tok)[0]) for b in rounds[-1]]
-    print(f"{len(rounds)} round(s) of {args.n} requests, the last of {min(lengths)}-{max(lengths)} prompt tokens, up to "
-          f"{args.max_tokens} new; prompt cache {args.prompt_cache}; {torch_threads()} threads")
+    tokens = [[len(serve.parse(b, "smollm2-135m", tok)[0]) for b in r] for r in rounds]
+    lengths = tokens[-1]
+    print(f"{len(rounds)} round(s) of {args.n} requests, the first of {min(tokens[0])}-{max(tokens[0])} prompt tokens, "
+          f"the last of {min(lengths)}-{max(lengths)}, {sum(map(sum, tokens))} in all, up to {args.max_tokens} new; "
+          f"prompt cache {args.prompt_cache}; {torch_threads()} threads")
+    if args.repeats == 0:                                       # the counts only
+        return srv.shutdown()
     post(port, rounds[0][0], [])                                # warm-up
     times = {"one at a time": [], "concurrent": []}
     for _ in range(args.repeats):
