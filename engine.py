@@ -68,8 +68,7 @@ class Seats:
             P = len(self.shared)
             one = KVCache(self.pol.model.cfg, 1, P, dev, cache.k.dtype)
             self.pol.model.extend(one, torch.tensor([self.shared], device=dev), torch.tensor([P], device=dev))
-            cache.reserve(P)
-            cache.k[:, :, :, :P], cache.v[:, :, :, :P], cache.len[:], cache.span = one.k, one.v, P, P
+            cache.start([(one.k[:, 0], one.v[:, 0])] * cache.k.size(1))
         full = [[] for _ in self.row]
         for r, c in zip(rows, chunks):
             full[r], self.pending[r] = self.pending[r] + c, []

@@ -178,6 +178,14 @@ class KVCache:
         self.len[rows] = sub.len
         self.span = max(self.span, s1)
 
+    def start(self, pasts):
+        """Start each row of this empty cache from its past: None or the (k, v), (L, H, n, D) each, of n tokens."""
+        n = [0 if kv is None else kv[0].size(2) for kv in pasts]
+        self.reserve(max(n))
+        for b in [b for b, m in enumerate(n) if m]:
+            self.k[:, b, :, :n[b]], self.v[:, b, :, :n[b]], self.len[b] = pasts[b][0], pasts[b][1], n[b]
+        self.span = max(n)
+
 class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -320,10 +328,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, stop_ids=(), gener
     start = [0 if kv is None else min(kv[0].size(2), n - 1) for kv, n in zip(rows_past, lengths)]  # 1 token left, at least
     room = max(start) + max(n - s for n, s in zip(lengths, start)) + max(limit)   # rows start at their own lengths
     cache = KVCache(model.cfg, B, room, dev, cache_dtype(model))
-    for b, (kv, n) in enumerate(zip(rows_past, start)):
-        if n:
-            cache.k[:, b, :, :n], cache.v[:, b, :, :n], cache.len[b] = kv[0][:, :, :n], kv[1][:, :, :n], n
-    cache.span = max(start)
+    cache.start([kv and (kv[0][:, :, :n], kv[1][:, :, :n]) for kv, n in zip(rows_past, start)])
     prompts = [p[n:] for p, n in zip(prompts, start)]
     idx = torch.nn.utils.rnn.pad_sequence([torch.tensor(p) for p in prompts], batch_first=True).to(dev)   # (B, T)
     logits = model.extend(cache, idx, torch.tensor([len(p) for p in prompts], device=dev))

@@ -45,9 +45,10 @@ class PromptCache:
         self.entries, self.budget = [], budget            # [(ids, k, v)], the most recently used last
 
     def find(self, ids):
-        """-> the (k, v) of the longest beginning ids has in common with a kept prompt, or None."""
+        """-> the (k, v) of the longest beginning ids has in common with a kept prompt (one token at least left to
+        compute), or None."""
         best = max(self.entries, key=lambda e: shared(e[0], ids), default=None)
-        if best is None or (n := shared(best[0], ids)) == 0:
+        if best is None or (n := min(shared(best[0], ids), len(ids) - 1)) == 0:
             return None
         self.entries.remove(best)
         self.entries.append(best)
@@ -118,7 +119,7 @@ class Batcher:
             outs, kept = generate(self.model, [j["ids"] for j in jobs], [j["max_tokens"] for j in jobs], temperature,
                                   stop_ids=(self.eot,), generator=self.gen, past=past)   # a row ends at its own end
             self.batches += 1
-            self.reused += sum(min(p[0].size(2), len(j["ids"]) - 1) for p, j in zip(past, jobs) if p is not None)
+            self.reused += sum(p[0].size(2) for p in past if p is not None)
             for j, kv in zip(jobs, kept):
                 self.prompts.add(j["ids"], kv)
             for j, out in zip(jobs, outs):
